@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from wsss.cli import PLANNED, build_parser, split_overrides
+
+ALL_COMMANDS = ["data", "train-cls", "cam", "expand", "crf", "train-seg", "predict", "eval", "inspect", "run"]
+
+
+def test_help_lists_every_stage(run_cli):
+    with pytest.raises(SystemExit) as e:
+        run_cli("--help")
+    assert e.value.code == 0
+    help_text = build_parser().format_help()
+    for cmd in ALL_COMMANDS:
+        assert cmd in help_text
+
+
+@pytest.mark.parametrize("cmd", sorted(PLANNED))
+def test_unbuilt_commands_say_so(run_cli, cmd):
+    code, out, err = run_cli(cmd, "--anything")
+    assert code == 3 and "not built" in err and err.count("\n") == 1
+
+
+def test_split_overrides():
+    rest, over = split_overrides(["run", "c.yaml", "--force", "data", "a.b=1", "x=[1,2]", "--to=cam"])
+    assert rest == ["run", "c.yaml", "--force", "data", "--to=cam"] and over == ["a.b=1", "x=[1,2]"]
+
+
+def test_data_synth_and_check(run_cli, tmp_path):
+    code, out, err = run_cli("data", "synth", "--out", tmp_path / "s", "--n-train", "6", "--n-val", "2", "size=64")
+    assert code == 0, err
+    assert (tmp_path / "s" / "JPEGImages" / "train_00000.jpg").is_file()
+    code, out, err = run_cli("data", "check", tmp_path / "s")
+    assert code == 0, err
+    assert "split train: 6 images" in out and "split val: 2 images" in out and "ok: 8 images" in out
+
+
+def test_run_writes_layout_and_skips_when_unchanged(run_cli, tmp_path):
+    run_dir = tmp_path / "run"
+    over = [f"run.out_dir={run_dir}", "data.synth.n_train=6", "data.synth.n_val=2", "data.synth.size=64"]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("run:\n  name: t\n")
+    code, out, err = run_cli("run", cfg, "--to", "data", *over)
+    assert code == 0, err
+    assert "data       done" in out
+    man = json.loads((run_dir / "data" / "manifest.json").read_text())
+    assert man["stage"] == "data" and man["inputs"]["dataset"] and man["versions"]["torch"]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "data" / "index.json").is_file()
+    code, out, err = run_cli("run", cfg, "--to", "data", *over)
+    assert code == 0 and "up to date" in out
+    code, out, err = run_cli("run", cfg, "--to", "data", "--force", "data", *over)
+    assert code == 0 and "data       done" in out
+    code, out, err = run_cli("run", cfg, "--to", "nonsense", *over)
+    assert code == 2 and "unknown stage 'nonsense'" in err

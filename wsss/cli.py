@@ -1,0 +1,187 @@
+"""The `wsss` command line. Thin wrappers: parse arguments, call a stage's core function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from wsss import __version__
+from wsss.errors import NotBuiltError, WsssError
+
+log = logging.getLogger("wsss")
+
+PLANNED = {
+    "train-cls": ("train the multi-label classifier from image-level labels", 3),
+    "cam": ("extract class activation maps (CAM, Grad-CAM family)", 3),
+    "expand": ("expand CAMs with erasing and mixup", 4),
+    "crf": ("refine CAMs with a dense CRF into pseudo-masks", 5),
+    "train-seg": ("train a DeepLab segmenter on the pseudo-masks", 6),
+    "predict": ("predict masks for new images", 6),
+    "eval": ("score CAMs, pseudo-masks or predictions against ground truth", 3),
+    "inspect": ("write an HTML gallery of a run's maps and masks", 7),
+}
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*=")
+
+
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.synth.n_train=100 (anywhere on the line)")
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate ``key.sub=value`` tokens (which may appear anywhere) from the other arguments."""
+    rest, over = [], []
+    for tok in argv:
+        (over if _OVERRIDE.match(tok) else rest).append(tok)
+    return rest, over
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsss",
+        description="Weakly-supervised semantic segmentation: image-level tags in, pixel masks out.",
+        epilog="Run `wsss COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"wsss {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    data = sub.add_parser("data", help="make the synthetic dataset, or check a dataset")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    synth = dsub.add_parser("synth", help="write the built-in synthetic dataset (VOC layout)")
+    synth.add_argument("--out", required=True, type=Path, help="output folder")
+    synth.add_argument("--config", type=Path, help="YAML config whose data.synth section is used")
+    synth.add_argument("--seed", type=int, help="random seed (data.synth.seed)")
+    synth.add_argument("--n-train", type=int, help="training images (data.synth.n_train)")
+    synth.add_argument("--n-val", type=int, help="validation images (data.synth.n_val)")
+    synth.add_argument("--size", type=int, help="image side in pixels (data.synth.size)")
+    synth.add_argument("--force", action="store_true", help="replace an existing folder")
+    _overrides(synth)
+    check = dsub.add_parser("check", help="validate a dataset (VOC folder or CSV manifest) and summarise it")
+    check.add_argument("root", type=Path, help="VOC-layout folder or CSV manifest")
+    check.add_argument("--split", action="append", help="split(s) to check (default: every split file found)")
+    check.add_argument("--classes", help="comma-separated class names, instead of classes.txt")
+    check.add_argument("--json", type=Path, help="also write the report as JSON here")
+
+    run = sub.add_parser("run", help="run the pipeline end to end from a YAML config")
+    run.add_argument("config", type=Path, help="YAML config, e.g. configs/demo.yaml")
+    run.add_argument("--from", dest="from_stage", help="first stage to run")
+    run.add_argument("--to", dest="to_stage", help="last stage to run")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run STAGE and everything after it")
+    _overrides(run)
+
+    for name, (text, issue) in PLANNED.items():
+        p = sub.add_parser(name, help=f"{text} (not built yet)", add_help=False)
+        p.set_defaults(planned=name)
+    return parser
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from wsss.config import load_config
+    from wsss.data.synth import generate
+
+    extra = [f"data.synth.{k}={v}" for k, v in (("seed", args.seed), ("n_train", args.n_train), ("n_val", args.n_val), ("size", args.size)) if v is not None]
+    over = [o if o.startswith(("data.", "run.")) else f"data.synth.{o}" for o in args.overrides]
+    cfg = load_config(args.config, [*over, *extra])
+    out = generate(cfg.data.synth, args.out, force=args.force)
+    s = cfg.data.synth
+    print(f"synthetic dataset: {s.n_train} train + {s.n_val} val images, {s.size}x{s.size}, classes {', '.join(s.classes)} -> {out}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from wsss.data.check import check_dataset
+    from wsss.data.dataset import load_dataset
+    from wsss.errors import DataError
+    from wsss.io import write_json
+
+    root: Path = args.root
+    if not root.exists():
+        raise DataError("dataset folder not found", root)
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    if args.split:
+        splits = args.split
+    elif root.suffix.lower() == ".csv":
+        splits = [""]
+    else:
+        split_dir = root / "ImageSets" / "Segmentation"
+        splits = sorted(p.stem for p in split_dir.glob("*.txt")) if split_dir.is_dir() else []
+        if not splits:
+            raise DataError("no split files in ImageSets/Segmentation/", root)
+    reports = []
+    for split in splits:
+        ds = load_dataset(root, split or "train", classes)
+        rep = check_dataset(ds)
+        reports.append(rep)
+        print("\n".join(rep.summary_lines()))
+    if args.json:
+        write_json(args.json, {r.split or "all": r.to_dict() for r in reports})
+    n_prob = sum(len(r.problems) for r in reports)
+    if n_prob:
+        for r in reports:
+            for p in r.problems:
+                print(f"wsss: error: {p}", file=sys.stderr)
+        print(f"wsss: {n_prob} problem(s) found in {root}", file=sys.stderr)
+        return 1
+    total = sum(r.images for r in reports)
+    print(f"ok: {total} images in {len(reports)} split(s), {len(reports[0].classes) - 1} classes, no problems")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.standard import STAGE_ORDER, run
+    from wsss.config import load_config
+    from wsss.errors import ConfigError
+
+    for s in [args.from_stage, args.to_stage, *args.force]:
+        if s is not None and s not in STAGE_ORDER:
+            raise ConfigError(f"unknown stage '{s}' (stages: {', '.join(STAGE_ORDER)})")
+    cfg = load_config(args.config, args.overrides)
+    res = run(cfg, args.from_stage, args.to_stage, tuple(args.force))
+    for name, secs, skipped in res.done:
+        print(f"  {name:<10} {'up to date' if skipped else 'done':<11} {secs:7.1f} s")
+    if res.not_built:
+        print(f"  not built in wsss {__version__} yet: {', '.join(res.not_built)}")
+    print(f"run directory: {res.run_dir}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from wsss.log import setup_logging
+
+    parser = build_parser()
+    rest, over = split_overrides(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(rest)
+    if unknown and not getattr(args, "planned", None):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if over:
+        if not hasattr(args, "overrides"):
+            parser.error(f"this command takes no config overrides: {' '.join(over)}")
+        args.overrides = [*args.overrides, *over]
+    setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        if getattr(args, "planned", None):
+            text, issue = PLANNED[args.planned]
+            raise NotBuiltError(f"`wsss {args.planned}` ({text}) is not built in wsss {__version__} yet")
+        if args.command == "data":
+            if args.data_command == "synth":
+                return _cmd_synth(args)
+            if args.data_command == "check":
+                return _cmd_check(args)
+            parser.parse_args(["data", "--help"])
+        elif args.command == "run":
+            return _cmd_run(args)
+        parser.print_help()
+        return 0 if args.command is None else 2
+    except WsssError as e:
+        print(f"wsss: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("wsss: interrupted", file=sys.stderr)
+        return 130

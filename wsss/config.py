@@ -1,0 +1,246 @@
+"""Typed configuration: YAML in, validated objects out, unknown keys rejected by name.
+
+A config file is a YAML mapping with one section per stage. ``key.sub=value`` overrides (values
+parsed as YAML, so ``1e-3``, ``[1, 0.5]`` and ``true`` work) are applied before validation, so
+an override with a typo is rejected just like a typo in the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from wsss.errors import ConfigError
+from wsss.io import write_text
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors; assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)
+
+SYNTH_CLASSES = ("stripes", "checker", "dots", "rings")
+
+
+class SynthConfig(Section):
+    """The built-in synthetic dataset (see ``wsss.data.synth`` for its design)."""
+
+    n_train: int = Field(600, ge=1, description="number of training images")
+    n_val: int = Field(150, ge=1, description="number of validation images")
+    size: int = Field(128, ge=48, le=1024, description="image side in pixels (square)")
+    classes: list[str] = Field(default_factory=lambda: list(SYNTH_CLASSES), min_length=1, max_length=8)
+    max_objects: int = Field(3, ge=1, le=6, description="most objects in one image")
+    clutter: int = Field(8, ge=0, le=100, description="number of distractor shapes in the background")
+    part_frac: float = Field(0.18, gt=0.02, lt=0.6, description="discriminative part area / object area")
+    object_radius: tuple[float, float] = Field((0.17, 0.27), description="object body radius range, as a fraction of the image side")
+    texture_period: float = Field(6.0, ge=2.0, le=64.0, description="period of the class textures (pixels)")
+    seed: int = 0
+
+    @field_validator("classes")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        _check_class_names(v)
+        return v
+
+
+def _check_class_names(names: Sequence[str]) -> None:
+    seen = set()
+    for n in names:
+        if not n or any(c.isspace() for c in n) or n == "background":
+            raise ValueError(f"invalid class name {n!r} (no spaces; 'background' is implicit)")
+        if n in seen:
+            raise ValueError(f"class {n!r} listed twice")
+        seen.add(n)
+
+
+class DataConfig(Section):
+    """Where the images and image-level labels come from."""
+
+    source: Literal["synth", "voc", "csv"] = "synth"
+    root: Path | None = Field(None, description="VOC folder or CSV file; for synth, where to write (default RUN/data)")
+    train_split: str = "train"
+    val_split: str = "val"
+    classes: list[str] | None = Field(None, description="foreground class names, overrides classes.txt")
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+
+    @model_validator(mode="after")
+    def _root_needed(self) -> "DataConfig":
+        if self.source != "synth" and self.root is None:
+            raise ValueError(f"data.root is required when data.source is {self.source!r}")
+        if self.classes is not None:
+            _check_class_names(self.classes)
+        return self
+
+
+class TrainClsConfig(Section):
+    """Stage 1: the multi-label classifier trained from image-level labels."""
+
+    backbone: str = Field("tiny", description="registered backbone name (see `wsss.models.BACKBONES`)")
+    pretrained: bool | str = Field(False, description="ImageNet weights: true (packaged/cached), false, or a .pth path")
+    output_stride: Literal[8, 16, 32] = Field(16, description="feature stride; 16 dilates the last stage")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0, description="backbone learning rate (poly decay, power 0.9)")
+    head_lr_mult: float = Field(10.0, gt=0, description="learning-rate multiplier of the new classifier head")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_iters: int = Field(0, ge=0, description="linear warm-up iterations before poly decay")
+    crop_size: int = Field(128, ge=16, description="training crop side (pixels)")
+    resize_long: int | None = Field(None, ge=16, description="resize the long side to this before augmenting")
+    scale_range: tuple[float, float] = Field((0.7, 1.3), description="random rescale range")
+    hflip: bool = True
+    color_jitter: float = Field(0.3, ge=0, le=1)
+    freeze_bn: bool = Field(False, description="keep BatchNorm statistics and affine parameters fixed")
+    freeze_stem: bool = Field(False, description="do not train the backbone's stem")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    workers: int = Field(0, ge=0, description="data-loading worker processes (0 = in the main process)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+
+    @field_validator("scale_range")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {list(v)}")
+        return v
+
+
+class RunConfig(Section):
+    """Where a run writes its outputs, and its global seed."""
+
+    out_dir: Path = Path("runs/demo")
+    seed: int = 0
+    name: str = "demo"
+
+
+class Config(Section):
+    """The whole pipeline configuration; one section per stage."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train_cls: TrainClsConfig = Field(default_factory=TrainClsConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# loading, overrides, hashing
+
+
+def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(model, e["loc"][:-1])
+            hint = f" (valid keys here: {', '.join(valid)})" if valid else ""
+            parts.append(f"unknown config key '{loc}'{hint}")
+        else:
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            where = f"config key '{loc}'" if loc else "config"
+            got = e.get("input")
+            shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+            parts.append(f"{where}: {msg}{shown}")
+    return "; ".join(parts)
+
+
+def _valid_keys(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    cur: Any = model
+    for key in loc:
+        fields = getattr(cur, "model_fields", None)
+        if not fields or key not in fields:
+            return []
+        cur = fields[key].annotation
+    fields = getattr(cur, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``a.b.c=value`` overrides applied (values parsed as YAML)."""
+    out = json.loads(json.dumps(raw, default=str))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node = out
+        parts = key.split(".")
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.setdefault(p, {})
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: '{'.'.join(parts[: i + 1])}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base_dir: Path | None = None) -> Config:
+    """Load a YAML config (or defaults when ``path`` is None), apply overrides and validate.
+
+    Relative ``data.root`` and ``run.out_dir`` stay relative to the current directory, as users
+    expect from a command line.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("config file not found", p)
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"invalid YAML{where}", p) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError("top level of a config must be a mapping of sections", p)
+        raw = loaded
+    raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw, source=path)
+
+
+def config_from_dict(raw: dict[str, Any], source: str | Path | None = None) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, Config), source) from None
+
+
+def config_to_dict(section: BaseModel) -> dict[str, Any]:
+    """JSON-compatible dict of a config object (paths as strings)."""
+    return section.model_dump(mode="json")
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a config section or any JSON-compatible object."""
+    if isinstance(obj, BaseModel):
+        obj = config_to_dict(obj)
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def save_config(cfg: BaseModel, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,82 @@
+"""Stage manifests and the run-directory layout.
+
+Each stage writes its outputs into its own folder of the run directory, plus ``manifest.json``::
+
+    {"stage", "config_hash", "config", "inputs": {name: hash}, "outputs": {...},
+     "key": hash of (stage, config hash, input hashes, wsss version), "versions", "wall_time_s", "finished"}
+
+``key`` is what a later run compares to decide whether the stage can be skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+from wsss import __version__
+from wsss.io import read_json, write_json
+
+#: Stage folders of a run directory, in pipeline order.
+STAGES = ("data", "cls", "cam", "expand", "crf", "seg", "pred")
+
+_PACKAGES = ("torch", "torchvision", "numpy", "opencv-python-headless", "Pillow", "grad-cam", "pydensecrf2", "pydantic")
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What a stage's run function returns: its manifest, and whether it was skipped as up to date."""
+
+    manifest: dict[str, Any]
+    skipped: bool
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python, wsss and the main dependencies (missing ones omitted)."""
+    out = {"python": platform.python_version(), "wsss": __version__}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def stage_key(stage: str, config_hash: str, inputs: Mapping[str, str]) -> str:
+    blob = json.dumps({"stage": stage, "config": config_hash, "inputs": dict(sorted(inputs.items())), "wsss": __version__}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def write_manifest(folder: str | Path, stage: str, config: Mapping[str, Any], config_hash: str,
+                   inputs: Mapping[str, str], outputs: Mapping[str, Any], started: float) -> dict[str, Any]:
+    """Write ``folder/manifest.json`` (atomically) and return it. ``started`` is a ``time.time()``."""
+    man = {
+        "stage": stage,
+        "key": stage_key(stage, config_hash, inputs),
+        "config_hash": config_hash,
+        "config": dict(config),
+        "inputs": dict(inputs),
+        "outputs": dict(outputs),
+        "versions": package_versions(),
+        "wall_time_s": round(time.time() - started, 3),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(Path(folder) / "manifest.json", man)
+    return man
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """The manifest of a finished stage folder, or None when absent or unreadable."""
+    p = Path(folder) / "manifest.json"
+    if not p.is_file():
+        return None
+    try:
+        return read_json(p)
+    except Exception:
+        return None

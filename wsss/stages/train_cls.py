@@ -1,0 +1,251 @@
+"""Stage 1, `wsss train-cls`: a multi-label classifier trained from image-level labels only.
+
+Output folder (``RUN/cls/``)::
+
+    classifier.pt   final weights + meta (backbone, output_stride, classes, normalisation)
+    checkpoint.pt   model, optimiser, epoch, iteration, config, history (for --resume)
+    log.csv         one row per epoch: loss, lr, val mAP / F1, seconds
+    config.yaml     the resolved train_cls section
+    manifest.json   stage manifest
+
+Reproducibility: the augmentation of sample ``i`` in epoch ``e`` is drawn from an RNG seeded by
+``(seed, e, i)`` and the shuffling from ``(seed, e)``, so a run resumed at an epoch boundary
+continues exactly as if it had never stopped, whatever the number of loader workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsss.config import TrainClsConfig, config_to_dict, save_config
+from wsss.data.dataset import Dataset
+from wsss.data.transforms import ColorJitter, Compose, HFlip, RandomCrop, RandomScale, Resize, to_tensor
+from wsss.errors import WsssError
+from wsss.io import atomic_path, write_text
+from wsss.log import progress
+from wsss.metrics import average_precision, f1_scores
+from wsss.models.backbones import create_backbone
+from wsss.models.classifier import Classifier
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise the named device (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WsssError(f"device '{name}' requested but CUDA is not available")
+    return dev
+
+
+class ClsDataset(torch.utils.data.Dataset):
+    """Image-level-label dataset for training: ``(image (3, S, S), labels (K,))``."""
+
+    def __init__(self, ds: Dataset, transform, mean, std, seed: int = 0) -> None:
+        self.ds, self.transform, self.mean, self.std, self.seed = ds, transform, mean, std, seed
+        self.labels = ds.label_matrix()
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        img, _ = self.transform(self.ds.read_image(i), None, rng)
+        return to_tensor(img, self.mean, self.std), torch.from_numpy(self.labels[i])
+
+
+def train_transform(cfg: TrainClsConfig) -> Compose:
+    ts = []
+    if cfg.resize_long:
+        ts.append(Resize(long_side=cfg.resize_long))
+    lo, hi = cfg.scale_range
+    if (lo, hi) != (1.0, 1.0):
+        ts.append(RandomScale(lo, hi))
+    if cfg.hflip:
+        ts.append(HFlip(0.5))
+    if cfg.color_jitter:
+        ts.append(ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter))
+    ts.append(RandomCrop(cfg.crop_size))
+    return Compose(ts)
+
+
+def eval_transform(cfg: TrainClsConfig) -> Compose:
+    return Compose([Resize(size=(cfg.crop_size, cfg.crop_size))])
+
+
+def build_classifier(cfg: TrainClsConfig, num_classes: int) -> Classifier:
+    backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, output_stride=cfg.output_stride)
+    model = Classifier(backbone, num_classes, dropout=cfg.dropout)
+    if cfg.freeze_stem:
+        for m in backbone.stem_modules():
+            for p in m.parameters():
+                p.requires_grad_(False)
+    return model
+
+
+def _set_train_mode(model: Classifier, cfg: TrainClsConfig) -> None:
+    model.train()
+    if cfg.freeze_bn:
+        for m in model.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+                for p in m.parameters():
+                    p.requires_grad_(False)
+    if cfg.freeze_stem:
+        for m in model.backbone.stem_modules():
+            m.eval()
+
+
+def poly_lr(base: float, it: int, max_it: int, warmup: int = 0, power: float = 0.9) -> float:
+    if it < warmup:
+        return base * (it + 1) / warmup
+    return base * (1 - min(it, max_it - 1) / max_it) ** power
+
+
+@torch.no_grad()
+def predict_scores(model: Classifier, ds: Dataset, cfg: TrainClsConfig, device: torch.device) -> np.ndarray:
+    """Sigmoid scores ``(N, K)`` of ``ds`` at the training resolution."""
+    model.eval()
+    data = ClsDataset(ds, eval_transform(cfg), model.backbone.mean, model.backbone.std)
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers)
+    out = [torch.sigmoid(model(x.to(device))).float().cpu() for x, _ in loader]
+    return torch.cat(out).numpy()
+
+
+def evaluate_classifier(model: Classifier, ds: Dataset, cfg: TrainClsConfig, device: torch.device) -> dict[str, float]:
+    """mAP and F1 (macro, micro; threshold 0.5) on ``ds``."""
+    scores = predict_scores(model, ds, cfg, device)
+    targets = ds.label_matrix()
+    ap = average_precision(scores, targets)
+    f1_macro, f1_micro = f1_scores(scores, targets)
+    return {"mAP": float(np.nanmean(ap)), "f1_macro": f1_macro, "f1_micro": f1_micro}
+
+
+def _save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by this module (``weights_only=True``: no code is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WsssError("checkpoint not found", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WsssError(f"cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})", path) from None
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild the classifier saved as ``classifier.pt``; returns ``(model in eval mode, meta)``."""
+    obj = load_checkpoint(path)
+    if not isinstance(obj, dict) or "model" not in obj or "meta" not in obj:
+        raise WsssError("not a wsss classifier file (needs 'model' and 'meta')", path)
+    meta = obj["meta"]
+    backbone = create_backbone(meta["backbone"], pretrained=False, output_stride=meta["output_stride"])
+    model = Classifier(backbone, meta["num_classes"])
+    try:
+        model.load_state_dict(obj["model"])
+    except RuntimeError as e:
+        raise WsssError(f"weights do not fit backbone '{meta['backbone']}' ({str(e).splitlines()[0][:150]})", path) from None
+    return model.to(device).eval(), meta
+
+
+def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path, val_ds: Dataset | None = None,
+                     seed: int = 0, resume: bool = False) -> dict[str, Any]:
+    """Train the classifier, checkpointing every epoch into ``out_dir``. Returns a summary dict.
+
+    With ``resume=True`` an existing ``checkpoint.pt`` is continued from its last finished epoch.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(seed)
+    model = build_classifier(cfg, train_ds.num_classes).to(device)
+    groups = model.param_groups(cfg.lr, cfg.head_lr_mult)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    data = ClsDataset(train_ds, train_transform(cfg), model.backbone.mean, model.backbone.std, seed)
+    steps = math.ceil(len(data) / cfg.batch_size)
+    drop_last = len(data) > cfg.batch_size
+    if drop_last:
+        steps = len(data) // cfg.batch_size
+    max_it = steps * cfg.epochs
+    start_epoch, it, history = 0, 0, []
+    ckpt_path = out_dir / "checkpoint.pt"
+    if resume and ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        if ck.get("config") != config_to_dict(cfg) | {"epochs": ck.get("config", {}).get("epochs")}:
+            log.warning("train-cls: resuming with a config that differs from the checkpoint's (only 'epochs' may change safely)")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start_epoch, it, history = ck["epoch"], ck["iteration"], list(ck["history"])
+        log.info("train-cls: resumed from %s at epoch %d", ckpt_path, start_epoch)
+    meta = {"backbone": cfg.backbone, "output_stride": model.backbone.output_stride, "num_classes": train_ds.num_classes,
+            "classes": list(train_ds.classes), "mean": list(model.backbone.mean), "std": list(model.backbone.std)}
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        data.epoch = epoch
+        gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+        loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                                             drop_last=drop_last, num_workers=cfg.workers)
+        _set_train_mode(model, cfg)
+        total, n = 0.0, 0
+        bar = progress(loader, desc=f"train-cls {epoch + 1}/{cfg.epochs}", unit="batch")
+        for x, y in bar:
+            for g in opt.param_groups:
+                g["lr"] = poly_lr(g["base_lr"], it, max_it, cfg.warmup_iters)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.multilabel_soft_margin_loss(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            it += 1
+            total += float(loss.detach()) * len(x)
+            n += len(x)
+            bar.set_postfix(loss=f"{total / n:.4f}")
+        if not math.isfinite(total):
+            raise WsssError(f"train-cls: loss became {total} in epoch {epoch + 1}; lower train_cls.lr")
+        row = {"epoch": epoch + 1, "loss": round(total / max(n, 1), 5), "lr": round(opt.param_groups[0]["lr"], 7)}
+        if val_ds is not None and len(val_ds):
+            row.update({f"val_{k}": round(v, 4) for k, v in evaluate_classifier(model, val_ds, cfg, device).items()})
+        row["seconds"] = round(time.time() - t0, 2)
+        history.append(row)
+        _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                                     "iteration": it, "config": config_to_dict(cfg), "history": history, "meta": meta})
+        _write_log(out_dir / "log.csv", history)
+        log.info("train-cls epoch %d/%d: %s", epoch + 1, cfg.epochs, ", ".join(f"{k} {v}" for k, v in row.items() if k != "epoch"))
+    _save_checkpoint(out_dir / "classifier.pt", {"model": model.state_dict(), "meta": meta})
+    final = history[-1] if history else {}
+    return {"epochs": cfg.epochs, "iterations": it, "final": final, "history": history}
+
+
+def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
