@@ -14,7 +14,9 @@ from typing import Callable
 
 from wsss.config import Config, save_config
 from wsss.manifest import StageOutcome
+from wsss.stages.cam import run_cam_stage
 from wsss.stages.data import run_data_stage
+from wsss.stages.train_cls import run_train_cls_stage
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,8 @@ class RunResult:
 def _stages() -> dict[str, Callable[[Config, Path, bool], StageOutcome] | None]:
     return {
         "data": lambda cfg, run_dir, force: run_data_stage(cfg.data, run_dir, force=force),
-        "train-cls": None,
-        "cam": None,
+        "train-cls": lambda cfg, run_dir, force: run_train_cls_stage(cfg, run_dir, force=force),
+        "cam": lambda cfg, run_dir, force: run_cam_stage(cfg, run_dir, force=force),
         "expand": None,
         "crf": None,
         "train-seg": None,

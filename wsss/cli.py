@@ -15,13 +15,10 @@ from wsss.errors import NotBuiltError, WsssError
 log = logging.getLogger("wsss")
 
 PLANNED = {
-    "train-cls": ("train the multi-label classifier from image-level labels", 3),
-    "cam": ("extract class activation maps (CAM, Grad-CAM family)", 3),
     "expand": ("expand CAMs with erasing and mixup", 4),
     "crf": ("refine CAMs with a dense CRF into pseudo-masks", 5),
     "train-seg": ("train a DeepLab segmenter on the pseudo-masks", 6),
     "predict": ("predict masks for new images", 6),
-    "eval": ("score CAMs, pseudo-masks or predictions against ground truth", 3),
     "inspect": ("write an HTML gallery of a run's maps and masks", 7),
 }
 
@@ -75,6 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--to", dest="to_stage", help="last stage to run")
     run.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run STAGE and everything after it")
     _overrides(run)
+
+    tc = sub.add_parser("train-cls", help="train the multi-label classifier from image-level labels")
+    tc.add_argument("config", type=Path, help="YAML config (sections run, data, train_cls)")
+    tc.add_argument("--force", action="store_true", help="retrain from scratch even if up to date")
+    tc.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an interrupted run's checkpoint")
+    _overrides(tc)
+
+    cam = sub.add_parser("cam", help="extract class activation maps (CAM, Grad-CAM family)")
+    cam.add_argument("config", type=Path, help="YAML config (sections run, data, cam)")
+    cam.add_argument("--force", action="store_true", help="recompute every map")
+    _overrides(cam)
+
+    ev = sub.add_parser("eval", help="score CAMs against ground truth")
+    esub = ev.add_subparsers(dest="eval_command", metavar="WHAT")
+    ec = esub.add_parser("cam", help="mIoU of CAM .npz files with a background-threshold sweep")
+    ec.add_argument("config", type=Path, nargs="?", help="YAML config of the run (default: flags below)")
+    ec.add_argument("--cams", type=Path, help="folder of <id>.npz (default RUN/cam)")
+    ec.add_argument("--data", type=Path, help="dataset (VOC folder or CSV) with ground-truth masks (default: the run's)")
+    ec.add_argument("--split", help="split to score (default cam.split)")
+    ec.add_argument("--out", type=Path, help="report folder (default <cams>/eval)")
+    _overrides(ec)
 
     for name, (text, issue) in PLANNED.items():
         p = sub.add_parser(name, help=f"{text} (not built yet)", add_help=False)
@@ -152,6 +170,62 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_cls(args: argparse.Namespace) -> int:
+    from wsss.config import load_config, save_config
+    from wsss.stages.data import run_data_stage
+    from wsss.stages.train_cls import run_train_cls_stage
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(cfg.run.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    run_data_stage(cfg.data, run_dir)
+    outcome = run_train_cls_stage(cfg, run_dir, force=args.force, resume=args.resume)
+    final = outcome.manifest["outputs"].get("final", {})
+    state = "up to date" if outcome.skipped else "trained"
+    extras = ", ".join(f"{k} {v}" for k, v in final.items() if k.startswith("val_") or k == "loss")
+    print(f"train-cls: {state}; {extras} -> {run_dir / 'cls' / 'classifier.pt'}")
+    return 0
+
+
+def _cmd_cam(args: argparse.Namespace) -> int:
+    from wsss.config import load_config, save_config
+    from wsss.stages.cam import run_cam_stage
+    from wsss.stages.data import run_data_stage
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(cfg.run.out_dir)
+    save_config(cfg, run_dir / "config.yaml")
+    run_data_stage(cfg.data, run_dir)
+    outcome = run_cam_stage(cfg, run_dir, force=args.force)
+    o = outcome.manifest["outputs"]
+    print(f"cam: {'up to date' if outcome.skipped else 'done'}; {o['images']} images -> {run_dir / 'cam'}")
+    return 0
+
+
+def _cmd_eval_cam(args: argparse.Namespace) -> int:
+    from wsss.config import load_config
+    from wsss.data.dataset import load_dataset
+    from wsss.stages.data import dataset_root
+    from wsss.stages.eval import evaluate_cam_folder, write_cam_report
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(cfg.run.out_dir)
+    cams = args.cams or run_dir / "cam"
+    split = args.split or cfg.cam.split
+    ds = load_dataset(args.data or dataset_root(cfg.data, run_dir), split, cfg.data.classes)
+    result = evaluate_cam_folder(cams, ds, cfg.eval.thresholds)
+    out = args.out or Path(cams) / "eval"
+    summary = write_cam_report(result, ds.classes, out, title=f"{Path(cams).name} on {split}")
+    print("threshold   mIoU  fg-prec  fg-rec")
+    for row in result.rows():
+        mark = " <- best" if row["threshold"] == result.best_threshold else ""
+        print(f"  {row['threshold']:7.2f}  {100 * row['mIoU']:5.1f}  {100 * row['fg_precision']:7.1f}  {100 * row['fg_recall']:6.1f}{mark}")
+    print(f"eval cam: mIoU {summary['mIoU']:.1f} at threshold {summary['best_threshold']:.2f} "
+          f"(fg precision {summary['fg_precision']:.1f}, recall {summary['fg_recall']:.1f}) on {len(ds)} {split} images -> {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from wsss.log import setup_logging
 
@@ -177,6 +251,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.parse_args(["data", "--help"])
         elif args.command == "run":
             return _cmd_run(args)
+        elif args.command == "train-cls":
+            return _cmd_train_cls(args)
+        elif args.command == "cam":
+            return _cmd_cam(args)
+        elif args.command == "eval":
+            if args.eval_command == "cam":
+                return _cmd_eval_cam(args)
+            parser.parse_args(["eval", "--help"])
         parser.print_help()
         return 0 if args.command is None else 2
     except WsssError as e:

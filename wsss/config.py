@@ -118,6 +118,39 @@ class TrainClsConfig(Section):
         return v
 
 
+class CamConfig(Section):
+    """Stage 2: class activation maps of each image's labelled classes."""
+
+    method: str = Field("cam", description="registered CAM method (see `wsss.cam.CAM_METHODS`)")
+    target_layer: str = Field("features", description="gradient methods: 'features' or a module path such as backbone.layer3")
+    scales: list[float] = Field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0], min_length=1)
+    flip: bool = True
+    resize_long: int | None = Field(None, ge=16, description="run the network with the long side resized to this")
+    split: str = Field("train", description="which split to extract (seeds are judged on train)")
+    batch_size: int = Field(8, ge=1, description="same-size images per forward pass")
+    device: str = "auto"
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v: list[float]) -> list[float]:
+        if any(s <= 0 or s > 8 for s in v):
+            raise ValueError(f"scales must be in (0, 8], got {v}")
+        return v
+
+
+class EvalConfig(Section):
+    """Scoring against ground truth (never read by weakly-supervised stages)."""
+
+    thresholds: list[float] = Field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)], min_length=1)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _ths(cls, v: list[float]) -> list[float]:
+        if any(not 0 <= t <= 1 for t in v):
+            raise ValueError(f"thresholds must be in [0, 1], got {v}")
+        return sorted(v)
+
+
 class RunConfig(Section):
     """Where a run writes its outputs, and its global seed."""
 
@@ -132,6 +165,8 @@ class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train_cls: TrainClsConfig = Field(default_factory=TrainClsConfig)
+    cam: CamConfig = Field(default_factory=CamConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -54,21 +54,66 @@ def sweep_cam_thresholds(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarra
     """mIoU (incl. background) and foreground precision/recall for each background threshold.
 
     ``items`` yields ``(gt (H, W) uint8, classes (k,), cam (k, H, W) float in [0, 1])``;
-    ``num_classes`` counts background.
+    ``num_classes`` counts background. A pixel is labelled with its arg-max class where that score is
+    strictly above the threshold. One histogram per image serves every threshold.
     """
-    ths = [float(t) for t in thresholds]
-    cms = np.zeros((len(ths), num_classes, num_classes), np.int64)
+    ths = np.asarray(sorted(float(t) for t in thresholds))
+    n_t, nc = len(ths), num_classes
+    counts = np.zeros((n_t + 1, nc, nc), np.int64)  # [number of thresholds below the score, gt, label]
     for gt, classes, cam in items:
-        classes = np.asarray(classes)
+        classes = np.asarray(classes, np.int64)
+        if cam.shape[1:] != gt.shape:
+            raise ValueError(f"cam size {cam.shape[1:]} differs from mask size {gt.shape}")
+        keep = gt.ravel() != 255
+        g = gt.ravel()[keep].astype(np.int64)
         if len(classes) == 0:
-            for j in range(len(ths)):
-                cms[j] += confusion(gt, np.zeros_like(gt), num_classes)
-            continue
-        best = cam.argmax(0)
-        score = np.take_along_axis(cam, best[None], 0)[0]
-        lab = classes.astype(np.int64)[best]
-        for j, t in enumerate(ths):
-            cms[j] += confusion(gt, np.where(score > t, lab, 0), num_classes)
+            lab = np.zeros_like(g)
+            j = np.zeros_like(g)
+        else:
+            flat = cam.reshape(len(classes), -1)[:, keep]
+            best = flat.argmax(0)
+            score = np.take_along_axis(flat, best[None], 0)[0]
+            lab = classes[best]
+            j = np.searchsorted(ths, score, side="left")
+        if (g >= nc).any():
+            raise ValueError(f"ground truth has ids >= {nc}")
+        counts += np.bincount((j * nc + g) * nc + lab, minlength=(n_t + 1) * nc * nc).reshape(n_t + 1, nc, nc)
+    above = np.cumsum(counts[::-1], axis=0)[::-1]  # above[i] = sum over j >= i
+    below = np.cumsum(counts, axis=0)              # below[i] = sum over j <= i
+    cms = []
+    for i in range(n_t):
+        cm = above[i + 1].copy()                    # score > t_i: labelled with the arg-max class
+        cm[:, 0] += below[i].sum(axis=1)            # otherwise background
+        cms.append(cm)
     prs = [foreground_precision_recall(c) for c in cms]
-    return SweepResult(ths, [miou(c) for c in cms], [p for p, _ in prs], [r for _, r in prs],
+    return SweepResult(ths.tolist(), [miou(c) for c in cms], [p for p, _ in prs], [r for _, r in prs],
                        [iou_from_confusion(c).tolist() for c in cms])
+
+
+def plot_sweep(result: SweepResult, path, title: str = "") -> None:
+    """PNG plot of mIoU, foreground precision and recall against the background threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from wsss.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(result.thresholds, [100 * v for v in result.miou], "o-", label="mIoU")
+    ax.plot(result.thresholds, [100 * v for v in result.precision], "--", label="fg precision")
+    ax.plot(result.thresholds, [100 * v for v in result.recall], ":", label="fg recall")
+    ax.axvline(result.best_threshold, color="grey", lw=0.8)
+    ax.annotate(f"best {100 * result.best_miou:.1f} @ {result.best_threshold:.2f}", (result.best_threshold, 100 * result.best_miou),
+                textcoords="offset points", xytext=(6, 6))
+    ax.set_xlabel("background threshold")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -50,11 +50,18 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs should be readable
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -116,7 +123,7 @@ def read_image(path: str | Path) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
-            return np.ascontiguousarray(_to_rgb_uint8(img, path))
+            return np.array(_to_rgb_uint8(img, path), order="C", copy=True)  # writable, owns its data
     except UnidentifiedImageError:
         raise ImageReadError("not a readable image (unknown or corrupt format)", path) from None
     except (OSError, SyntaxError, ValueError) as e:

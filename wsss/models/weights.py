@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from wsss.errors import WsssError
+from wsss.errors import WsssError, brief
 
 
 def load_state_dict_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
@@ -17,7 +17,7 @@ def load_state_dict_file(path: str | Path, what: str) -> dict[str, torch.Tensor]
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with code objects, not a torch file
-        raise WsssError(f"cannot load weights for {what} ({type(e).__name__}: {str(e).splitlines()[0][:120]})", path) from None
+        raise WsssError(f"cannot load weights for {what} ({type(e).__name__}: {brief(e, 120)})", path) from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,12 +31,16 @@ from torch import nn
 from wsss.config import TrainClsConfig, config_to_dict, save_config
 from wsss.data.dataset import Dataset
 from wsss.data.transforms import ColorJitter, Compose, HFlip, RandomCrop, RandomScale, Resize, to_tensor
-from wsss.errors import WsssError
+from wsss.errors import WsssError, brief
 from wsss.io import atomic_path, write_text
 from wsss.log import progress
 from wsss.metrics import average_precision, f1_scores
 from wsss.models.backbones import create_backbone
 from wsss.models.classifier import Classifier
+
+if TYPE_CHECKING:
+    from wsss.config import Config
+    from wsss.manifest import StageOutcome
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +152,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WsssError(f"cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})", path) from None
+        raise WsssError(f"cannot load checkpoint ({type(e).__name__}: {brief(e, 120)})", path) from None
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict[str, Any]]:
@@ -162,7 +166,7 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tup
     try:
         model.load_state_dict(obj["model"])
     except RuntimeError as e:
-        raise WsssError(f"weights do not fit backbone '{meta['backbone']}' ({str(e).splitlines()[0][:150]})", path) from None
+        raise WsssError(f"weights do not fit backbone '{meta['backbone']}' ({brief(e, 150)})", path) from None
     return model.to(device).eval(), meta
 
 
@@ -195,8 +199,11 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
     ckpt_path = out_dir / "checkpoint.pt"
     if resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
-        if ck.get("config") != config_to_dict(cfg) | {"epochs": ck.get("config", {}).get("epochs")}:
-            log.warning("train-cls: resuming with a config that differs from the checkpoint's (only 'epochs' may change safely)")
+        free = {"epochs", "device", "workers", "threads"}
+        changed = sorted(k for k, v in config_to_dict(cfg).items() if k not in free and ck.get("config", {}).get(k) != v)
+        if changed:
+            raise WsssError(f"cannot resume: train_cls.{', train_cls.'.join(changed)} differ from the checkpoint's "
+                            f"(use --no-resume or --force to start over)", ckpt_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch, it, history = ck["epoch"], ck["iteration"], list(ck["history"])
@@ -249,3 +256,39 @@ def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
     w.writeheader()
     w.writerows(rows)
     write_text(path, buf.getvalue())
+
+
+def run_train_cls_stage(cfg: "Config", run_dir: str | Path, force: bool = False, resume: bool = True) -> "StageOutcome":
+    """Pipeline entry: train on the data stage's splits into ``RUN/cls/`` unless up to date.
+
+    An interrupted training (``checkpoint.pt`` without a finished manifest) is resumed.
+    """
+    from wsss.config import config_hash
+    from wsss.manifest import StageOutcome, read_manifest, stage_key, write_manifest
+    from wsss.stages.data import open_split
+
+    started = time.time()
+    run_dir = Path(run_dir)
+    out = run_dir / "cls"
+    data_man = read_manifest(run_dir / "data")
+    if data_man is None:
+        raise WsssError("no finished data stage in this run directory; run `wsss run CONFIG --to data` first", run_dir)
+    section = config_to_dict(cfg.train_cls) | {"seed": cfg.run.seed}
+    chash = config_hash(section)
+    inputs = {"data": data_man["key"]}
+    old = read_manifest(out)
+    if not force and old is not None and old.get("key") == stage_key("train-cls", chash, inputs) and (out / "classifier.pt").is_file():
+        log.info("train-cls: up to date (%s), skipped", out)
+        return StageOutcome(old, skipped=True)
+    if force or (old is not None and old.get("key") != stage_key("train-cls", chash, inputs)):
+        for name in ("checkpoint.pt", "classifier.pt", "manifest.json"):
+            (out / name).unlink(missing_ok=True)
+    train = open_split(run_dir, cfg.data.train_split)
+    val = open_split(run_dir, cfg.data.val_split) if cfg.data.val_split else None
+    summary = train_classifier(cfg.train_cls, train, out, val, seed=cfg.run.seed, resume=resume)
+    man = write_manifest(out, "train-cls", section, chash, inputs,
+                         {"classifier": "classifier.pt", "log": "log.csv", "final": summary["final"]}, started)
+    f = summary["final"]
+    log.info("train-cls: %d epochs, final loss %s%s -> %s", summary["epochs"], f.get("loss"),
+             f", val mAP {f['val_mAP']:.3f}" if "val_mAP" in f else "", out / "classifier.pt")
+    return StageOutcome(man, skipped=False)

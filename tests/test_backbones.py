@@ -1,0 +1,123 @@
+"""One base tester, run for every registered backbone (tiny sizes, random weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wsss.errors import ConfigError, WsssError
+from wsss.models import BACKBONES, Classifier, create_backbone
+
+
+class BackboneTester:
+    name: str
+    strides = (8, 16, 32)
+    size = 64
+
+    def build(self, output_stride):
+        torch.manual_seed(0)
+        return create_backbone(self.name, pretrained=False, output_stride=output_stride).eval()
+
+    def test_output_strides(self):
+        x = torch.randn(2, 3, self.size, self.size)
+        for os_ in self.strides:
+            net = self.build(os_)
+            with torch.no_grad():
+                y = net(x)
+            assert y.shape == (2, net.out_channels, self.size // os_, self.size // os_), os_
+            assert net.output_stride == os_ and torch.isfinite(y).all()
+
+    def test_classifier_head_contract(self):
+        net = self.build(self.strides[-1] if 16 not in self.strides else 16)
+        model = Classifier(net, 5).eval()
+        x = torch.randn(1, 3, self.size, self.size)
+        x0 = x.clone()
+        with torch.no_grad():
+            feats = model.forward_features(x)
+            logits = model.forward_head(feats)
+            assert torch.equal(x, x0), "input modified"
+            assert torch.allclose(logits, model(x), atol=1e-5)
+            cam = model.cam(feats)
+        assert logits.shape == (1, 5) and cam.shape == (1, 5, *feats.shape[2:]) and (cam >= 0).all()
+
+    def test_backward_and_stem(self):
+        net = self.build(self.strides[-1])
+        model = Classifier(net, 3).train()
+        loss = model(torch.randn(2, 3, self.size, self.size)).sum()
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+        assert all(isinstance(m, torch.nn.Module) for m in net.stem_modules())
+
+
+class TestTiny(BackboneTester):
+    name = "tiny"
+    strides = (8, 16)
+
+
+class TestResNet18(BackboneTester):
+    name = "resnet18"
+
+
+class TestResNet50(BackboneTester):
+    name = "resnet50"
+
+
+class TestResNet34(BackboneTester):
+    name = "resnet34"
+    strides = (16,)
+
+
+class TestResNet101(BackboneTester):
+    name = "resnet101"
+    strides = (16,)
+
+
+class TestEfficientNetLite0(BackboneTester):
+    name = "efficientnet_lite0"
+
+
+class TestEfficientNetLite1(BackboneTester):
+    name = "efficientnet_lite1"
+    strides = (16,)
+
+
+class TestEfficientNetLite2(BackboneTester):
+    name = "efficientnet_lite2"
+
+
+def test_every_registered_backbone_has_a_tester():
+    tested = {c.name for c in BackboneTester.__subclasses__()}
+    assert set(BACKBONES.names()) == tested
+
+
+def test_unknown_backbone_lists_names():
+    with pytest.raises(ConfigError, match=r"unknown backbone 'vgg16' \(valid: .*efficientnet_lite0.*resnet50.*tiny"):
+        create_backbone("vgg16")
+
+
+def test_efficientnet_lite0_packaged_imagenet_weights_load_strictly():
+    net = create_backbone("efficientnet_lite0", pretrained=True, output_stride=16)
+    assert net._conv_stem.weight.abs().sum() > 0
+
+
+def test_resnet_offline_weights_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    import socket
+
+    def no_network(*a, **k):
+        raise OSError("network is unreachable (test)")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: no_network())
+    with pytest.raises(WsssError, match=r"ImageNet weights for resnet18 are not cached at .*resnet18-.*\.pth"):
+        create_backbone("resnet18", pretrained=True)
+
+
+def test_resnet_local_weights_path(tmp_path):
+    src = create_backbone("resnet18", output_stride=32)
+    torch.save({"model": src.state_dict()}, tmp_path / "w.pth")
+    net = create_backbone("resnet18", pretrained=str(tmp_path / "w.pth"), output_stride=16)
+    assert torch.equal(net.conv1.weight, src.conv1.weight)
+    torch.save(create_backbone("tiny").state_dict(), tmp_path / "other.pth")
+    with pytest.raises(WsssError, match="do not fit resnet18"):
+        create_backbone("resnet18", pretrained=str(tmp_path / "other.pth"))

@@ -1,0 +1,96 @@
+"""Batched multi-scale + flip CAM extraction.
+
+For every image, the maps of its labelled classes are computed at each scale on the image and its
+mirror, upsampled to the image size, un-mirrored, summed, and max-normalised per class. Images of the
+same size are batched together, and each forward pass covers an image and its mirror, so the work
+per scale is one pass per batch, whatever the number of classes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsss.cam.methods import CAMMethod
+
+
+def _normalise(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (x - m) / s
+
+
+def multiscale_maps(method: CAMMethod, x: torch.Tensor, classes: torch.Tensor, scales: Sequence[float],
+                    flip: bool = True, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Summed raw maps ``(B, k, H, W)`` of a same-size batch ``x (B, 3, H, W)`` for ``classes (k,)``.
+
+    ``out_size`` defaults to the input size; maps are not normalised.
+    """
+    b, _, h, w = x.shape
+    size = out_size or (h, w)
+    total = torch.zeros(b, len(classes), *size, device=x.device)
+    for s in scales:
+        xs = x if s == 1.0 else F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear", align_corners=False)
+        if flip:
+            xs = torch.cat([xs, xs.flip(-1)])
+        m = method(xs, classes)
+        m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+        total += m[:b]
+        if flip:
+            total += m[b:].flip(-1)
+    return total
+
+
+def max_normalise(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Divide each map ``(..., H, W)`` by its maximum (maps must be >= 0); maps whose maximum is below
+    ``eps`` (all-zero ones included) are divided by ``eps`` instead, so they stay near zero."""
+    return maps / maps.amax(dim=(-2, -1), keepdim=True).clamp_min(eps)
+
+
+def extract_cams(method: CAMMethod, images: Iterable[tuple[str, np.ndarray, Sequence[int]]], *,
+                 mean: Sequence[float], std: Sequence[float], scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0),
+                 flip: bool = True, batch_size: int = 8, resize_long: int | None = None,
+                 device: torch.device | str = "cpu") -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """Yield ``(id, classes (k,) int16, cams (k, H, W) float32 in [0, 1])`` for each input image.
+
+    ``images`` yields ``(id, image (H, W, 3) uint8, class ids (>= 1))``. Images are grouped by size
+    (up to ``batch_size``) so that each forward pass serves several images; results come out in
+    batches, not necessarily in input order. ``resize_long`` runs the network on an image resized
+    so that its long side has that length; maps are always returned at the original resolution.
+    """
+    pending: dict[tuple[int, int], list] = defaultdict(list)
+
+    def flush(key):
+        group = pending.pop(key)
+        x = torch.stack([_normalise(img, mean, std) for _, img, _ in group]).to(device)
+        h, w = group[0][1].shape[:2]
+        if resize_long and max(h, w) != resize_long:
+            r = resize_long / max(h, w)
+            x = F.interpolate(x, size=(max(1, round(h * r)), max(1, round(w * r))), mode="bilinear", align_corners=False)
+        union = sorted({c for _, _, cl in group for c in cl})
+        cls_t = torch.tensor([c - 1 for c in union], dtype=torch.long)
+        maps = multiscale_maps(method, x, cls_t, scales, flip, out_size=(h, w))
+        col = {c: j for j, c in enumerate(union)}
+        for i, (sid, _, cl) in enumerate(group):
+            idx = torch.tensor([col[c] for c in cl], dtype=torch.long)
+            cams = max_normalise(maps[i, idx]).cpu().numpy().astype(np.float32)
+            yield sid, np.asarray(cl, dtype=np.int16), cams
+
+    for sid, img, cl in images:
+        cl = sorted(int(c) for c in cl)
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"image '{sid}' must be (H, W, 3), got {img.shape}")
+        key = img.shape[:2]
+        if not cl:
+            yield sid, np.zeros(0, np.int16), np.zeros((0, *key), np.float32)
+            continue
+        pending[key].append((sid, img, cl))
+        if len(pending[key]) >= batch_size:
+            yield from flush(key)
+    for key in list(pending):
+        yield from flush(key)

@@ -1,0 +1,136 @@
+"""Stage 2, `wsss cam`: class activation maps of every image's labelled classes.
+
+Output folder ``RUN/cam/`` (also the format of ``RUN/expand/``)::
+
+    <id>.npz       classes: int16 (k,) class ids (1..K); cam: float16 (k, H, W) in [0, 1], max-normalised
+                   per class, at the image's resolution. Load with ``np.load(path)`` (no pickle).
+    manifest.json  stage manifest (written last: its presence means the folder is complete)
+    config.yaml    the resolved cam section
+
+Resumable: files are written atomically, so a re-run with the same key keeps the finished ``.npz``
+files and computes only the missing ones; a changed key clears the folder first.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from wsss.cam.extract import extract_cams
+from wsss.cam.methods import create_cam_method
+from wsss.config import CamConfig, config_hash, config_to_dict, save_config
+from wsss.data.dataset import Dataset
+from wsss.errors import DataError, WsssError
+from wsss.io import atomic_path, write_text
+from wsss.log import progress
+from wsss.manifest import StageOutcome, read_manifest, stage_key, write_manifest
+
+if TYPE_CHECKING:
+    from wsss.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def save_cam(path: str | Path, classes: np.ndarray, cam: np.ndarray) -> None:
+    """Atomically write one image's maps: ``classes (k,)`` ids, ``cam (k, H, W)`` in [0, 1]."""
+    classes = np.asarray(classes)
+    if cam.ndim != 3 or cam.shape[0] != len(classes):
+        raise ValueError(f"cam must be (k, H, W) with k = {len(classes)}, got {cam.shape}")
+    with atomic_path(path, suffix=".tmp.npz") as tmp:
+        np.savez(tmp, classes=classes.astype(np.int16), cam=cam.astype(np.float16))
+
+
+def load_cam(path: str | Path, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``(classes (k,) int64, cam (k, H, W) float32)`` from a CAM ``.npz``, validating it."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            classes, cam = z["classes"].astype(np.int64), z["cam"].astype(np.float32)
+    except FileNotFoundError:
+        raise DataError("CAM file not found", path) from None
+    except (KeyError, ValueError, OSError) as e:
+        raise DataError(f"not a wsss CAM file ({type(e).__name__}: {e})", path) from None
+    if cam.ndim != 3 or cam.shape[0] != len(classes):
+        raise DataError(f"cam has shape {cam.shape} but {len(classes)} classes", path)
+    if not np.isfinite(cam).all():
+        raise DataError("cam contains NaN or infinite values", path)
+    if cam.size and (cam.min() < 0 or cam.max() > 1.001):
+        raise DataError(f"cam values must be in [0, 1], found {cam.min():.3g}..{cam.max():.3g}", path)
+    if num_classes is not None and len(classes) and (classes.min() < 1 or classes.max() > num_classes):
+        raise DataError(f"class ids {classes.tolist()} outside 1..{num_classes}", path)
+    return classes, cam
+
+
+def run_cam_extraction(model, ds: Dataset, cfg: CamConfig, out_dir: str | Path, device: torch.device,
+                       mean, std) -> dict:
+    """Write ``<id>.npz`` for every image of ``ds`` missing from ``out_dir``; returns counts."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [i for i, s in enumerate(ds) if not (out_dir / f"{s.id}.npz").is_file()]
+    method = create_cam_method(cfg.method, model, cfg.target_layer)
+    n_done = len(ds) - len(todo)
+    if n_done:
+        log.info("cam: %d of %d images already done, resuming", n_done, len(ds))
+
+    def images():
+        for i in todo:
+            s = ds[i]
+            yield s.id, ds.read_image(i), s.labels
+
+    bar = progress(total=len(todo), desc=f"cam {cfg.method}", unit="img")
+    for sid, classes, cams in extract_cams(method, images(), mean=mean, std=std, scales=cfg.scales, flip=cfg.flip,
+                                           batch_size=cfg.batch_size, resize_long=cfg.resize_long, device=device):
+        save_cam(out_dir / f"{sid}.npz", classes, cams)
+        bar.update(1)
+    bar.close()
+    return {"images": len(ds), "computed": len(todo), "reused": n_done}
+
+
+def run_cam_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> StageOutcome:
+    """Pipeline entry: CAMs of ``cam.split`` from ``RUN/cls/classifier.pt`` into ``RUN/cam/``."""
+    from wsss.stages.data import open_split
+    from wsss.stages.train_cls import load_classifier, resolve_device
+
+    started = time.time()
+    run_dir = Path(run_dir)
+    out = run_dir / "cam"
+    cls_man = read_manifest(run_dir / "cls")
+    if cls_man is None or not (run_dir / "cls" / "classifier.pt").is_file():
+        raise WsssError("no trained classifier in this run directory; run `wsss train-cls CONFIG` first", run_dir)
+    section = config_to_dict(cfg.cam)
+    chash = config_hash(section)
+    inputs = {"classifier": cls_man["key"]}
+    key = stage_key("cam", chash, inputs)
+    old = read_manifest(out)
+    if not force and old is not None and old.get("key") == key:
+        log.info("cam: up to date (%s), skipped", out)
+        return StageOutcome(old, skipped=True)
+    _prepare_folder(out, key, force or (old is not None and old.get("key") != key), "*.npz")
+    save_config(cfg.cam, out / "config.yaml")
+    device = resolve_device(cfg.cam.device)
+    model, meta = load_classifier(run_dir / "cls" / "classifier.pt", device)
+    ds = open_split(run_dir, cfg.cam.split)
+    counts = run_cam_extraction(model, ds, cfg.cam, out, device, meta["mean"], meta["std"])
+    man = write_manifest(out, "cam", section, chash, inputs, {"format": "npz: classes int16 (k,), cam float16 (k,H,W)", **counts}, started)
+    log.info("cam: %d images (%d computed, %d reused), method %s, %d scales%s -> %s", counts["images"], counts["computed"],
+             counts["reused"], cfg.cam.method, len(cfg.cam.scales), " + flip" if cfg.cam.flip else "", out)
+    return StageOutcome(man, skipped=False)
+
+
+def _prepare_folder(out: Path, key: str, clear: bool, pattern: str) -> None:
+    """Make ``out`` hold only outputs of ``key``: clear stale outputs when the key changed."""
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / ".key"
+    stale = clear or (marker.is_file() and marker.read_text().strip() != key)
+    if stale:
+        for f in out.glob(pattern):
+            f.unlink()
+        (out / "manifest.json").unlink(missing_ok=True)
+        shutil.rmtree(out / "eval", ignore_errors=True)
+    write_text(marker, key + "\n")
