@@ -166,6 +166,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"  {name:<10} {'up to date' if skipped else 'done':<11} {secs:7.1f} s")
     if res.not_built:
         print(f"  not built in wsss {__version__} yet: {', '.join(res.not_built)}")
+    summary = res.run_dir / "eval" / "summary.json"
+    if summary.is_file() and any(name == "eval" for name, _, _ in res.done):
+        from wsss.io import read_json
+
+        for name, r in read_json(summary).items():
+            print(f"  {name} mIoU {r['mIoU']:.1f} at threshold {r['best_threshold']:.2f} "
+                  f"(fg precision {r['fg_precision']:.1f}, recall {r['fg_recall']:.1f})")
     print(f"run directory: {res.run_dir}")
     return 0
 

@@ -11,7 +11,7 @@ import csv
 import io
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from wsss.data.dataset import Dataset
 from wsss.errors import DataError
@@ -19,6 +19,10 @@ from wsss.evaluation import SweepResult, plot_sweep, sweep_cam_thresholds
 from wsss.io import write_json, write_text
 from wsss.log import progress
 from wsss.stages.cam import load_cam
+
+if TYPE_CHECKING:
+    from wsss.config import Config
+    from wsss.manifest import StageOutcome
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +67,40 @@ def write_cam_report(result: SweepResult, classes: list[str], out_dir: str | Pat
     }
     write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def run_eval_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> "StageOutcome":
+    """Pipeline entry: score every finished map/mask stage of the run that has ground truth to compare
+    with; writes ``RUN/eval/summary.json`` (one entry per scored stage) and each stage's ``eval/``."""
+    import time
+
+    from wsss.config import config_hash, config_to_dict
+    from wsss.manifest import StageOutcome, read_manifest, stage_key, write_manifest
+    from wsss.stages.data import open_split
+
+    started = time.time()
+    run_dir = Path(run_dir)
+    out = run_dir / "eval"
+    scored = {name: man for name in ("cam", "expand") if (man := read_manifest(run_dir / name)) is not None}
+    inputs = {name: man["key"] for name, man in scored.items()}
+    section = config_to_dict(cfg.eval)
+    chash = config_hash(section)
+    old = read_manifest(out)
+    if not force and old is not None and old.get("key") == stage_key("eval", chash, inputs):
+        log.info("eval: up to date (%s), skipped", out)
+        return StageOutcome(old, skipped=True)
+    results = {}
+    for name in scored:
+        split = cfg.cam.split
+        ds = open_split(run_dir, split)
+        if not ds.has_masks:
+            log.warning("eval: split '%s' has no ground-truth masks; %s not scored", split, name)
+            continue
+        res = evaluate_cam_folder(run_dir / name, ds, cfg.eval.thresholds)
+        results[name] = write_cam_report(res, ds.classes, run_dir / name / "eval", title=f"{name} on {split}")
+        r = results[name]
+        log.info("eval %s: mIoU %.1f at threshold %.2f (fg precision %.1f, recall %.1f) on %d %s images", name,
+                 r["mIoU"], r["best_threshold"], r["fg_precision"], r["fg_recall"], len(ds), split)
+    write_json(out / "summary.json", results)
+    man = write_manifest(out, "eval", section, chash, inputs, {name: {k: r[k] for k in ("mIoU", "best_threshold")} for name, r in results.items()}, started)
+    return StageOutcome(man, skipped=False)

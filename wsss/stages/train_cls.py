@@ -114,6 +114,10 @@ def _set_train_mode(model: Classifier, cfg: TrainClsConfig) -> None:
             m.eval()
 
 
+def _layout(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def poly_lr(base: float, it: int, max_it: int, warmup: int = 0, power: float = 0.9) -> float:
     if it < warmup:
         return base * (it + 1) / warmup
@@ -126,7 +130,7 @@ def predict_scores(model: Classifier, ds: Dataset, cfg: TrainClsConfig, device: 
     model.eval()
     data = ClsDataset(ds, eval_transform(cfg), model.backbone.mean, model.backbone.std)
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers)
-    out = [torch.sigmoid(model(x.to(device))).float().cpu() for x, _ in loader]
+    out = [torch.sigmoid(model(x.to(device, memory_format=_layout(cfg.channels_last)))).float().cpu() for x, _ in loader]
     return torch.cat(out).numpy()
 
 
@@ -183,7 +187,7 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
-    model = build_classifier(cfg, train_ds.num_classes).to(device)
+    model = build_classifier(cfg, train_ds.num_classes).to(device, memory_format=_layout(cfg.channels_last))
     groups = model.param_groups(cfg.lr, cfg.head_lr_mult)
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -222,7 +226,8 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
         for x, y in bar:
             for g in opt.param_groups:
                 g["lr"] = poly_lr(g["base_lr"], it, max_it, cfg.warmup_iters)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True, memory_format=_layout(cfg.channels_last))
+            y = y.to(device, non_blocking=True)
             loss = F.multilabel_soft_margin_loss(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
