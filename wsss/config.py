@@ -109,7 +109,7 @@ class TrainClsConfig(Section):
     workers: int = Field(0, ge=0, description="data-loading worker processes (0 = in the main process)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    channels_last: bool = Field(True, description="NHWC memory layout (much faster depthwise convs on CPU)")
+    channels_last: bool | None = Field(None, description="NHWC memory layout; default: the backbone's preference")
 
     @field_validator("scale_range")
     @classmethod
@@ -130,7 +130,7 @@ class CamConfig(Section):
     split: str = Field("train", description="which split to extract (seeds are judged on train)")
     batch_size: int = Field(8, ge=1, description="same-size images per forward pass")
     device: str = "auto"
-    channels_last: bool = Field(True, description="NHWC memory layout (much faster depthwise convs on CPU)")
+    channels_last: bool | None = Field(None, description="NHWC memory layout; default: the backbone's preference")
 
     @field_validator("scales")
     @classmethod

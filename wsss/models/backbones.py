@@ -24,6 +24,9 @@ class Backbone(nn.Module):
     output_stride: int
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
+    #: whether NHWC (channels_last) layout is faster for this architecture on CPU (measured: 3-9x for
+    #: ResNet and EfficientNet-Lite; 5x slower for the tiny dilated CNN)
+    prefers_channels_last = True
 
     def stem_modules(self) -> list[nn.Module]:
         return []
@@ -48,6 +51,8 @@ class TinyNet(Backbone):
 
     Output stride 8 (or 16 when asked: the last downsampling is then kept instead of dilated away).
     """
+
+    prefers_channels_last = False
 
     def __init__(self, width: int = 32, output_stride: int = 8) -> None:
         super().__init__()

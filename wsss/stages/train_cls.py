@@ -114,6 +114,11 @@ def _set_train_mode(model: Classifier, cfg: TrainClsConfig) -> None:
             m.eval()
 
 
+def use_channels_last(setting: bool | None, model: Classifier) -> bool:
+    """The configured layout, or the backbone's preference when unset."""
+    return model.backbone.prefers_channels_last if setting is None else setting
+
+
 def _layout(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
@@ -130,7 +135,8 @@ def predict_scores(model: Classifier, ds: Dataset, cfg: TrainClsConfig, device: 
     model.eval()
     data = ClsDataset(ds, eval_transform(cfg), model.backbone.mean, model.backbone.std)
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers)
-    out = [torch.sigmoid(model(x.to(device, memory_format=_layout(cfg.channels_last)))).float().cpu() for x, _ in loader]
+    layout = _layout(use_channels_last(cfg.channels_last, model))
+    out = [torch.sigmoid(model(x.to(device, memory_format=layout))).float().cpu() for x, _ in loader]
     return torch.cat(out).numpy()
 
 
@@ -187,7 +193,9 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
-    model = build_classifier(cfg, train_ds.num_classes).to(device, memory_format=_layout(cfg.channels_last))
+    model = build_classifier(cfg, train_ds.num_classes)
+    nhwc = use_channels_last(cfg.channels_last, model)
+    model = model.to(device, memory_format=_layout(nhwc))
     groups = model.param_groups(cfg.lr, cfg.head_lr_mult)
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -226,7 +234,7 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
         for x, y in bar:
             for g in opt.param_groups:
                 g["lr"] = poly_lr(g["base_lr"], it, max_it, cfg.warmup_iters)
-            x = x.to(device, non_blocking=True, memory_format=_layout(cfg.channels_last))
+            x = x.to(device, non_blocking=True, memory_format=_layout(nhwc))
             y = y.to(device, non_blocking=True)
             loss = F.multilabel_soft_margin_loss(model(x), y)
             opt.zero_grad(set_to_none=True)
