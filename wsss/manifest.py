@@ -80,3 +80,18 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
         return read_json(p)
     except Exception:
         return None
+
+
+def finished_outcome(folder: str | Path, stage: str, config_hash: str, inputs: Mapping[str, str],
+                     force: bool = False, required: tuple[str, ...] = ()) -> StageOutcome | None:
+    """A skipped :class:`StageOutcome` when ``folder`` holds a finished run of ``stage`` with the same key
+    (and the ``required`` files), else None. Logs the skip."""
+    import logging
+
+    old = read_manifest(folder)
+    if force or old is None or old.get("key") != stage_key(stage, config_hash, inputs):
+        return None
+    if not all((Path(folder) / f).is_file() for f in required):
+        return None
+    logging.getLogger("wsss.stages").info("%s: up to date (%s), skipped", stage, folder)
+    return StageOutcome(old, skipped=True)

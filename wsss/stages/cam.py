@@ -29,7 +29,7 @@ from wsss.data.dataset import Dataset
 from wsss.errors import DataError, WsssError
 from wsss.io import atomic_path, write_text
 from wsss.log import progress
-from wsss.manifest import StageOutcome, read_manifest, stage_key, write_manifest
+from wsss.manifest import StageOutcome, finished_outcome, read_manifest, stage_key, write_manifest
 from wsss.stages.train_cls import use_channels_last
 
 if TYPE_CHECKING:
@@ -112,10 +112,10 @@ def run_cam_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> St
     chash = config_hash(section)
     inputs = {"classifier": cls_man["key"]}
     key = stage_key("cam", chash, inputs)
+    done = finished_outcome(out, "cam", chash, inputs, force)
+    if done is not None:
+        return done
     old = read_manifest(out)
-    if not force and old is not None and old.get("key") == key:
-        log.info("cam: up to date (%s), skipped", out)
-        return StageOutcome(old, skipped=True)
     _prepare_folder(out, key, force or (old is not None and old.get("key") != key), "*.npz")
     save_config(cfg.cam, out / "config.yaml")
     device = resolve_device(cfg.cam.device)

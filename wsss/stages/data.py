@@ -21,7 +21,7 @@ from wsss.data.dataset import Dataset, load_dataset
 from wsss.data.synth import generate
 from wsss.errors import DataError
 from wsss.io import read_json, write_json
-from wsss.manifest import StageOutcome, read_manifest, stage_key, write_manifest
+from wsss.manifest import StageOutcome, finished_outcome, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,9 @@ def run_data_stage(cfg: DataConfig, run_dir: str | Path, force: bool = False) ->
     section = config_to_dict(cfg)
     chash = config_hash(section)
     inputs = {"dataset": dataset_fingerprint(datasets)}
-    old = read_manifest(out)
-    if not force and old is not None and old.get("key") == stage_key("data", chash, inputs):
-        log.info("data: up to date (%s), skipped", out)
-        return StageOutcome(old, skipped=True)
+    done = finished_outcome(out, "data", chash, inputs, force)
+    if done is not None:
+        return done
     reports = {}
     for ds in datasets:
         rep = check_dataset(ds)

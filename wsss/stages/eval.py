@@ -75,7 +75,7 @@ def run_eval_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> "
     import time
 
     from wsss.config import config_hash, config_to_dict
-    from wsss.manifest import StageOutcome, read_manifest, stage_key, write_manifest
+    from wsss.manifest import StageOutcome, finished_outcome, read_manifest, write_manifest
     from wsss.stages.data import open_split
 
     started = time.time()
@@ -85,10 +85,9 @@ def run_eval_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> "
     inputs = {name: man["key"] for name, man in scored.items()}
     section = config_to_dict(cfg.eval)
     chash = config_hash(section)
-    old = read_manifest(out)
-    if not force and old is not None and old.get("key") == stage_key("eval", chash, inputs):
-        log.info("eval: up to date (%s), skipped", out)
-        return StageOutcome(old, skipped=True)
+    done = finished_outcome(out, "eval", chash, inputs, force)
+    if done is not None:
+        return done
     results = {}
     for name in scored:
         split = cfg.cam.split

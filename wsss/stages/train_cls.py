@@ -277,7 +277,7 @@ def run_train_cls_stage(cfg: "Config", run_dir: str | Path, force: bool = False,
     An interrupted training (``checkpoint.pt`` without a finished manifest) is resumed.
     """
     from wsss.config import config_hash
-    from wsss.manifest import StageOutcome, read_manifest, stage_key, write_manifest
+    from wsss.manifest import StageOutcome, finished_outcome, read_manifest, stage_key, write_manifest
     from wsss.stages.data import open_split
 
     started = time.time()
@@ -289,10 +289,10 @@ def run_train_cls_stage(cfg: "Config", run_dir: str | Path, force: bool = False,
     section = config_to_dict(cfg.train_cls) | {"seed": cfg.run.seed}
     chash = config_hash(section)
     inputs = {"data": data_man["key"]}
+    done = finished_outcome(out, "train-cls", chash, inputs, force, required=("classifier.pt",))
+    if done is not None:
+        return done
     old = read_manifest(out)
-    if not force and old is not None and old.get("key") == stage_key("train-cls", chash, inputs) and (out / "classifier.pt").is_file():
-        log.info("train-cls: up to date (%s), skipped", out)
-        return StageOutcome(old, skipped=True)
     if force or (old is not None and old.get("key") != stage_key("train-cls", chash, inputs)):
         for name in ("checkpoint.pt", "classifier.pt", "manifest.json"):
             (out / name).unlink(missing_ok=True)
