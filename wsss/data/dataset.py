@@ -149,20 +149,25 @@ def read_labels_csv(path: Path, classes: Sequence[str]) -> dict[str, tuple[int, 
     """Read ``labels.csv`` (``image,labels``) into ``{id: class ids}``; duplicate ids are fatal."""
     index = {n: i for i, n in enumerate(classes)}
     out: dict[str, tuple[int, ...]] = {}
+    for line, img, row in _image_rows(path, "image,labels"):
+        img = Path(img).stem if Path(img).suffix.lower() in IMAGE_EXTS else img
+        if img in out:
+            raise DataError(f"line {line}: duplicate image id '{img}'", path)
+        out[img] = _parse_labels(row.get("labels") or "", index, f"line {line}", path)
+    return out
+
+
+def _image_rows(path: Path, columns: str):
+    """Yield ``(line number, image field, row)`` of a CSV whose header has ``image`` and ``labels``."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"image", "labels"} <= set(reader.fieldnames):
-            raise DataError("header must have columns 'image,labels'", path)
+            raise DataError(f"header must have columns '{columns}'", path)
         for row in reader:
-            line = reader.line_num
             img = (row.get("image") or "").strip()
             if not img:
-                raise DataError(f"line {line}: empty image id", path)
-            img = Path(img).stem if Path(img).suffix.lower() in IMAGE_EXTS else img
-            if img in out:
-                raise DataError(f"line {line}: duplicate image id '{img}'", path)
-            out[img] = _parse_labels(row.get("labels") or "", index, f"line {line}", path)
-    return out
+                raise DataError(f"line {reader.line_num}: empty image field", path)
+            yield reader.line_num, img, row
 
 
 def read_voc_xml(path: Path, classes: Sequence[str]) -> tuple[int, ...]:
@@ -273,27 +278,18 @@ def load_csv(csv_path: str | Path, classes: Sequence[str] | None = None, split: 
         raise DataError("no class list: put classes.txt beside the CSV or set data.classes", csv_path)
     index = {n: i for i, n in enumerate(names)}
     rows = []
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"image", "labels"} <= set(reader.fieldnames):
-            raise DataError("header must have columns 'image,labels[,mask]'", csv_path)
-        for row in reader:
-            line = reader.line_num
-            rel = (row.get("image") or "").strip()
-            if not rel:
-                raise DataError(f"line {line}: empty image path", csv_path)
-            img = _inside(root, rel, f"line {line}: image", csv_path)
-            if not img.is_file():
-                raise DataError(f"line {line}: image file '{rel}' not found", csv_path)
-            lab = _parse_labels(row.get("labels") or "", index, f"line {line}", csv_path)
-            mrel = (row.get("mask") or "").strip()
-            mask = None
-            if mrel:
-                mask = _inside(root, mrel, f"line {line}: mask", csv_path)
-                if not mask.is_file():
-                    raise DataError(f"line {line}: mask file '{mrel}' not found", csv_path)
-            sid = Path(rel).with_suffix("").as_posix()
-            rows.append((sid, img, lab, mask))
+    for line, rel, row in _image_rows(csv_path, "image,labels[,mask]"):
+        img = _inside(root, rel, f"line {line}: image", csv_path)
+        if not img.is_file():
+            raise DataError(f"line {line}: image file '{rel}' not found", csv_path)
+        lab = _parse_labels(row.get("labels") or "", index, f"line {line}", csv_path)
+        mrel = (row.get("mask") or "").strip()
+        mask = None
+        if mrel:
+            mask = _inside(root, mrel, f"line {line}: mask", csv_path)
+            if not mask.is_file():
+                raise DataError(f"line {line}: mask file '{mrel}' not found", csv_path)
+        rows.append((Path(rel).with_suffix("").as_posix(), img, lab, mask))
     if not rows:
         raise DataError("manifest has no rows", csv_path)
     return _finish(root, names, rows, split, csv_path)
