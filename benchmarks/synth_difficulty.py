@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from wsss.config import SynthConfig, TrainClsConfig
 from wsss.data.dataset import load_voc
 from wsss.data.synth import generate
-from wsss.data.transforms import to_tensor
+from wsss.cam import create_cam_method, extract_cams
 from wsss.evaluation import cams_to_mask, sweep_cam_thresholds
 from wsss.io import read_mask
 from wsss.log import setup_logging
@@ -32,20 +31,12 @@ THRESHOLDS = [round(t, 2) for t in np.arange(0.05, 0.8, 0.05)]
 
 
 def plain_cams(model, ds):
-    """Single-scale CAMs of every image's labelled classes, max-normalised, at image size."""
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i, s in enumerate(ds):
-            img = ds.read_image(i)
-            x = to_tensor(img, model.backbone.mean, model.backbone.std)[None]
-            cam = model.cam(model.forward_features(x))
-            cam = F.interpolate(cam, size=img.shape[:2], mode="bilinear", align_corners=False)[0]
-            cls = np.array(s.labels)
-            c = cam[cls - 1]
-            c = c / (c.amax((1, 2), keepdim=True) + 1e-5)
-            out.append((cls, c.numpy()))
-    return out
+    """Single-scale, no-flip CAMs of every image's labelled classes (``(classes, maps)`` in ``ds`` order)."""
+    method = create_cam_method("cam", model)
+    items = ((s.id, ds.read_image(i), s.labels) for i, s in enumerate(ds))
+    got = {sid: (c.astype(np.int64), m) for sid, c, m in extract_cams(method, items, mean=model.backbone.mean,
+                                                                       std=model.backbone.std, scales=(1.0,), flip=False)}
+    return [got[s.id] for s in ds]
 
 
 def main() -> int:

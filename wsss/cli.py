@@ -177,16 +177,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train_cls(args: argparse.Namespace) -> int:
+def _stage_setup(args: argparse.Namespace):
+    """Config of a stage command, its run directory (with the resolved config saved) and the data stage
+    brought up to date: ``(cfg, run_dir)``."""
     from wsss.config import load_config, save_config
     from wsss.stages.data import run_data_stage
-    from wsss.stages.train_cls import run_train_cls_stage
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     run_data_stage(cfg.data, run_dir)
+    return cfg, run_dir
+
+
+def _cmd_train_cls(args: argparse.Namespace) -> int:
+    from wsss.stages.train_cls import run_train_cls_stage
+
+    cfg, run_dir = _stage_setup(args)
     outcome = run_train_cls_stage(cfg, run_dir, force=args.force, resume=args.resume)
     final = outcome.manifest["outputs"].get("final", {})
     state = "up to date" if outcome.skipped else "trained"
@@ -196,14 +204,9 @@ def _cmd_train_cls(args: argparse.Namespace) -> int:
 
 
 def _cmd_cam(args: argparse.Namespace) -> int:
-    from wsss.config import load_config, save_config
     from wsss.stages.cam import run_cam_stage
-    from wsss.stages.data import run_data_stage
 
-    cfg = load_config(args.config, args.overrides)
-    run_dir = Path(cfg.run.out_dir)
-    save_config(cfg, run_dir / "config.yaml")
-    run_data_stage(cfg.data, run_dir)
+    cfg, run_dir = _stage_setup(args)
     outcome = run_cam_stage(cfg, run_dir, force=args.force)
     o = outcome.manifest["outputs"]
     print(f"cam: {'up to date' if outcome.skipped else 'done'}; {o['images']} images -> {run_dir / 'cam'}")

@@ -115,8 +115,7 @@ def run_cam_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> St
     done = finished_outcome(out, "cam", chash, inputs, force)
     if done is not None:
         return done
-    old = read_manifest(out)
-    _prepare_folder(out, key, force or (old is not None and old.get("key") != key), "*.npz")
+    _prepare_folder(out, key, force, "*.npz")
     save_config(cfg.cam, out / "config.yaml")
     device = resolve_device(cfg.cam.device)
     model, meta = load_classifier(run_dir / "cls" / "classifier.pt", device)
@@ -129,7 +128,8 @@ def run_cam_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> St
 
 
 def _prepare_folder(out: Path, key: str, clear: bool, pattern: str) -> None:
-    """Make ``out`` hold only outputs of ``key``: clear stale outputs when the key changed."""
+    """Make ``out`` hold only outputs of ``key``: clear its outputs when ``clear`` is set or when its
+    ``.key`` marker (written before any output) names another key."""
     out.mkdir(parents=True, exist_ok=True)
     marker = out / ".key"
     stale = clear or (marker.is_file() and marker.read_text().strip() != key)

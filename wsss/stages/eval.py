@@ -89,12 +89,12 @@ def run_eval_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> "
     if done is not None:
         return done
     results = {}
+    split = cfg.cam.split
+    ds = open_split(run_dir, split) if scored else None
+    if ds is not None and not ds.has_masks:
+        log.warning("eval: split '%s' has no ground-truth masks; %s not scored", split, ", ".join(scored))
+        scored = {}
     for name in scored:
-        split = cfg.cam.split
-        ds = open_split(run_dir, split)
-        if not ds.has_masks:
-            log.warning("eval: split '%s' has no ground-truth masks; %s not scored", split, name)
-            continue
         res = evaluate_cam_folder(run_dir / name, ds, cfg.eval.thresholds)
         results[name] = write_cam_report(res, ds.classes, run_dir / name / "eval", title=f"{name} on {split}")
         r = results[name]
