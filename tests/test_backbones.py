@@ -7,6 +7,7 @@ import torch
 
 from wsss.errors import ConfigError, WsssError
 from wsss.models import BACKBONES, Classifier, create_backbone
+from wsss.models.inference import count_batchnorm, fold_batchnorm
 
 
 class BackboneTester:
@@ -39,6 +40,24 @@ class BackboneTester:
             assert torch.allclose(logits, model(x), atol=1e-5)
             cam = model.cam(feats)
         assert logits.shape == (1, 5) and cam.shape == (1, 5, *feats.shape[2:]) and (cam >= 0).all()
+
+    def test_batchnorm_folding_keeps_outputs(self):
+        torch.manual_seed(1)
+        model = Classifier(self.build(16 if 16 in self.strides else self.strides[-1]), 4).eval()
+        for m in model.modules():  # non-trivial BN statistics, so a wrong fold would show
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.2, 0.2)
+        folded = fold_batchnorm(model)
+        assert count_batchnorm(model.backbone) > 0 and count_batchnorm(folded.backbone) == 0
+        assert folded.backbone.mean == model.backbone.mean and folded.backbone.out_channels == model.backbone.out_channels
+        x = torch.randn(2, 3, self.size, self.size + 8)
+        with torch.no_grad():
+            a, b = model.forward_features(x), folded.forward_features(x)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+        assert count_batchnorm(model.backbone) > 0, "the original model is left unchanged"
 
     def test_backward_and_stem(self):
         net = self.build(self.strides[-1])

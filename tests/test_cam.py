@@ -145,11 +145,14 @@ def test_extract_batched_equals_one_by_one(model, name):
     kw = dict(mean=(0.5,) * 3, std=(0.5,) * 3, scales=(1.0, 0.5, 1.5), flip=True)
     batched = {sid: (c, m) for sid, c, m in extract_cams(method, _images(), batch_size=4, **kw)}
     single = {sid: (c, m) for sid, c, m in extract_cams(method, _images(), batch_size=1, **kw)}
-    assert batched.keys() == single.keys() == {f"i{n}" for n in range(5)}
+    # a pixel budget of one image per pass splits every batch (and its mirror) into single passes
+    split = {sid: (c, m) for sid, c, m in extract_cams(method, _images(), batch_size=4, batch_pixels=40 * 48, **kw)}
+    assert batched.keys() == single.keys() == split.keys() == {f"i{n}" for n in range(5)}
     for sid, img, lab in _images():
         c, m = batched[sid]
         assert c.tolist() == sorted(lab) and m.shape == (len(lab), *img.shape[:2])
         assert np.allclose(m, single[sid][1], atol=1e-5)
+        assert np.allclose(m, split[sid][1], atol=1e-5)
         if len(lab):
             assert np.allclose(m.reshape(len(lab), -1).max(1), 1.0, atol=1e-3), "max-normalised per class"
 

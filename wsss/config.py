@@ -128,7 +128,10 @@ class CamConfig(Section):
     flip: bool = True
     resize_long: int | None = Field(None, ge=16, description="run the network with the long side resized to this")
     split: str = Field("train", description="which split to extract (seeds are judged on train)")
-    batch_size: int = Field(8, ge=1, description="same-size images per forward pass")
+    batch_size: int = Field(8, ge=1, description="same-size images grouped together")
+    batch_pixels: int = Field(250_000, ge=1, description="most input pixels per forward pass (a group's passes are "
+                                                          "split to fit; on CPU large passes run slower per pixel)")
+    fold_bn: bool = Field(True, description="fold batch norm into the convolutions for extraction (same maps, faster)")
     device: str = "auto"
     channels_last: bool | None = Field(None, description="NHWC memory layout; default: the backbone's preference")
 

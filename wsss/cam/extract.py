@@ -25,12 +25,22 @@ def _normalise(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> 
     return (x - m) / s
 
 
+def _chunked(method: CAMMethod, x: torch.Tensor, classes: torch.Tensor, max_pixels: int | None,
+             layout: torch.memory_format) -> torch.Tensor:
+    """``method`` on ``x (N, 3, h, w)`` in chunks of at most ``max_pixels`` input pixels (>= 1 image)."""
+    n, _, h, w = x.shape
+    per = n if max_pixels is None else max(1, max_pixels // (h * w))
+    outs = [method(x[i:i + per].contiguous(memory_format=layout), classes) for i in range(0, n, per)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 def multiscale_maps(method: CAMMethod, x: torch.Tensor, classes: torch.Tensor, scales: Sequence[float],
                     flip: bool = True, out_size: tuple[int, int] | None = None,
-                    layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+                    layout: torch.memory_format = torch.contiguous_format, max_pixels: int | None = None) -> torch.Tensor:
     """Summed raw maps ``(B, k, H, W)`` of a same-size batch ``x (B, 3, H, W)`` for ``classes (k,)``.
 
-    ``out_size`` defaults to the input size; maps are not normalised.
+    ``out_size`` defaults to the input size; maps are not normalised. ``max_pixels`` caps the input
+    pixels of one forward pass (the batch and its mirror are split to fit).
     """
     b, _, h, w = x.shape
     size = out_size or (h, w)
@@ -39,11 +49,12 @@ def multiscale_maps(method: CAMMethod, x: torch.Tensor, classes: torch.Tensor, s
         xs = x if s == 1.0 else F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear", align_corners=False)
         if flip:
             xs = torch.cat([xs, xs.flip(-1)])
-        m = method(xs.contiguous(memory_format=layout), classes)
-        m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-        total += m[:b]
+        m = _chunked(method, xs, classes, max_pixels, layout)
         if flip:
-            total += m[b:].flip(-1)
+            # bilinear resizing commutes with mirroring, so un-mirror and add before the (costly)
+            # upsampling to full resolution: one resize per scale instead of two
+            m = m[:b] + m[b:].flip(-1)
+        total += F.interpolate(m, size=size, mode="bilinear", align_corners=False)
     return total
 
 
@@ -55,13 +66,13 @@ def max_normalise(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 def extract_cams(method: CAMMethod, images: Iterable[tuple[str, np.ndarray, Sequence[int]]], *,
                  mean: Sequence[float], std: Sequence[float], scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0),
-                 flip: bool = True, batch_size: int = 8, resize_long: int | None = None,
+                 flip: bool = True, batch_size: int = 8, batch_pixels: int | None = None, resize_long: int | None = None,
                  device: torch.device | str = "cpu", channels_last: bool = False) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yield ``(id, classes (k,) int16, cams (k, H, W) float32 in [0, 1])`` for each input image.
 
     ``images`` yields ``(id, image (H, W, 3) uint8, class ids (>= 1))``. Images are grouped by size
-    (up to ``batch_size``) so that each forward pass serves several images; results come out in
-    batches, not necessarily in input order. ``resize_long`` runs the network on an image resized
+    (up to ``batch_size``) so that each forward pass serves several images, with at most
+    ``batch_pixels`` input pixels per pass; results come out in batches, not necessarily in input order. ``resize_long`` runs the network on an image resized
     so that its long side has that length; maps are always returned at the original resolution.
     ``channels_last`` runs the network in NHWC layout (the model must already be in that layout).
     """
@@ -77,7 +88,7 @@ def extract_cams(method: CAMMethod, images: Iterable[tuple[str, np.ndarray, Sequ
             x = F.interpolate(x, size=(max(1, round(h * r)), max(1, round(w * r))), mode="bilinear", align_corners=False)
         union = sorted({c for _, _, cl in group for c in cl})
         cls_t = torch.tensor([c - 1 for c in union], dtype=torch.long)
-        maps = multiscale_maps(method, x, cls_t, scales, flip, out_size=(h, w), layout=layout)
+        maps = multiscale_maps(method, x, cls_t, scales, flip, out_size=(h, w), layout=layout, max_pixels=batch_pixels)
         col = {c: j for j, c in enumerate(union)}
         for i, (sid, _, cl) in enumerate(group):
             idx = torch.tensor([col[c] for c in cl], dtype=torch.long)

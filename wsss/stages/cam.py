@@ -30,6 +30,7 @@ from wsss.errors import DataError, WsssError
 from wsss.io import atomic_path, write_text
 from wsss.log import progress
 from wsss.manifest import StageOutcome, finished_outcome, read_manifest, stage_key, write_manifest
+from wsss.models.inference import fold_batchnorm
 from wsss.stages.train_cls import use_channels_last
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ def run_cam_extraction(model, ds: Dataset, cfg: CamConfig, out_dir: str | Path, 
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [i for i, s in enumerate(ds) if not (out_dir / f"{s.id}.npz").is_file()]
     nhwc = use_channels_last(cfg.channels_last, model)
+    if cfg.fold_bn and cfg.target_layer == "features":
+        model = fold_batchnorm(model)
     if nhwc:
         model = model.to(memory_format=torch.channels_last)
     method = create_cam_method(cfg.method, model, cfg.target_layer)
@@ -89,7 +92,7 @@ def run_cam_extraction(model, ds: Dataset, cfg: CamConfig, out_dir: str | Path, 
 
     bar = progress(total=len(todo), desc=f"cam {cfg.method}", unit="img")
     for sid, classes, cams in extract_cams(method, images(), mean=mean, std=std, scales=cfg.scales, flip=cfg.flip,
-                                           batch_size=cfg.batch_size, resize_long=cfg.resize_long, device=device,
+                                           batch_size=cfg.batch_size, batch_pixels=cfg.batch_pixels, resize_long=cfg.resize_long, device=device,
                                            channels_last=nhwc):
         save_cam(out_dir / f"{sid}.npz", classes, cams)
         bar.update(1)
