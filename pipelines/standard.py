@@ -15,6 +15,7 @@ from typing import Callable
 from wsss.config import Config, save_config
 from wsss.manifest import StageOutcome
 from wsss.stages.cam import run_cam_stage
+from wsss.stages.crf import run_crf_stage
 from wsss.stages.data import run_data_stage
 from wsss.stages.eval import run_eval_stage
 from wsss.stages.train_cls import run_train_cls_stage
@@ -38,7 +39,7 @@ def _stages() -> dict[str, Callable[[Config, Path, bool], StageOutcome] | None]:
         "train-cls": lambda cfg, run_dir, force: run_train_cls_stage(cfg, run_dir, force=force),
         "cam": lambda cfg, run_dir, force: run_cam_stage(cfg, run_dir, force=force),
         "expand": None,
-        "crf": None,
+        "crf": lambda cfg, run_dir, force: run_crf_stage(cfg, run_dir, force=force),
         "train-seg": None,
         "eval": lambda cfg, run_dir, force: run_eval_stage(cfg, run_dir, force=force),
     }

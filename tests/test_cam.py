@@ -11,7 +11,7 @@ from wsss.errors import ConfigError, DataError
 from wsss.evaluation import cams_to_mask, sweep_cam_thresholds
 from wsss.metrics import confusion, miou
 from wsss.models import Classifier, create_backbone
-from wsss.stages.cam import load_cam, save_cam
+from wsss.camfile import load_cam, save_cam
 
 
 @pytest.fixture(scope="module")

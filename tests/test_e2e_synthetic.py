@@ -12,7 +12,7 @@ import pytest
 from wsss.data.dataset import load_voc
 from wsss.evaluation import cams_to_mask
 from wsss.io import read_mask
-from wsss.stages.cam import load_cam
+from wsss.camfile import load_cam
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,14 @@ def test_cam_quality_bounds(demo_run):
     summary = json.loads((demo_run / "eval" / "summary.json").read_text())["cam"]
     assert 30.0 < summary["mIoU"] < 75.0, summary
     assert summary["fg_recall"] > 40.0
+
+
+def test_crf_pseudo_masks_beat_the_cams(demo_run):
+    summary = json.loads((demo_run / "eval" / "summary.json").read_text())
+    crf, cam = summary["crf"], summary["cam"]
+    assert crf["mIoU"] > cam["mIoU"] + 10, summary  # on the pixels the confidence mode keeps
+    assert 30.0 < crf["kept_share"] < 95.0, crf
+    assert len(list((demo_run / "crf").glob("*.png"))) == 500
 
 
 def test_cam_fires_on_parts_more_than_bodies(demo_run):
@@ -60,4 +68,4 @@ def test_rerun_is_up_to_date(demo_run, capsys):
     code = main(["run", "configs/demo.yaml", f"run.out_dir={demo_run}", "data.synth.n_train=500", "data.synth.n_val=100",
                  "train_cls.epochs=16", "cam.scales=[1.0, 0.5, 1.5]"])
     out = capsys.readouterr().out
-    assert code == 0 and out.count("up to date") == 4, out
+    assert code == 0 and out.count("up to date") == 5, out

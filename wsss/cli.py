@@ -16,7 +16,6 @@ log = logging.getLogger("wsss")
 
 PLANNED = {
     "expand": ("expand CAMs with erasing and mixup", 4),
-    "crf": ("refine CAMs with a dense CRF into pseudo-masks", 5),
     "train-seg": ("train a DeepLab segmenter on the pseudo-masks", 6),
     "predict": ("predict masks for new images", 6),
     "inspect": ("write an HTML gallery of a run's maps and masks", 7),
@@ -84,7 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     cam.add_argument("--force", action="store_true", help="recompute every map")
     _overrides(cam)
 
-    ev = sub.add_parser("eval", help="score CAMs against ground truth")
+    crf = sub.add_parser("crf", help="refine CAMs with a dense CRF into palette-PNG pseudo-masks")
+    crf.add_argument("config", type=Path, help="YAML config (sections run, data, cam, crf)")
+    crf.add_argument("--workers", type=int, help="worker processes (crf.workers; default one per core)")
+    crf.add_argument("--force", action="store_true", help="recompute every mask")
+    crf.add_argument("--sweep", action="store_true", help="instead: try the crf.sweep grid on the first crf.sweep_images "
+                     "labelled images and write the best setting as a config snippet (reads ground truth)")
+    _overrides(crf)
+
+    ev = sub.add_parser("eval", help="score CAMs or pseudo-masks against ground truth")
     esub = ev.add_subparsers(dest="eval_command", metavar="WHAT")
     ec = esub.add_parser("cam", help="mIoU of CAM .npz files with a background-threshold sweep")
     ec.add_argument("config", type=Path, nargs="?", help="YAML config of the run (default: flags below)")
@@ -93,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--split", help="split to score (default cam.split)")
     ec.add_argument("--out", type=Path, help="report folder (default <cams>/eval)")
     _overrides(ec)
+    em = esub.add_parser("masks", help="mIoU of pseudo-mask PNGs on the pixels they keep, kept share, confusion matrix")
+    em.add_argument("config", type=Path, nargs="?", help="YAML config of the run (default: flags below)")
+    em.add_argument("--masks", type=Path, help="folder of <id>.png (default RUN/crf)")
+    em.add_argument("--data", type=Path, help="dataset (VOC folder or CSV) with ground-truth masks (default: the run's)")
+    em.add_argument("--split", help="split to score (default cam.split)")
+    em.add_argument("--out", type=Path, help="report folder (default <masks>/eval)")
+    _overrides(em)
 
     for name, (text, issue) in PLANNED.items():
         p = sub.add_parser(name, help=f"{text} (not built yet)", add_help=False)
@@ -171,8 +185,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from wsss.io import read_json
 
         for name, r in read_json(summary).items():
-            print(f"  {name} mIoU {r['mIoU']:.1f} at threshold {r['best_threshold']:.2f} "
-                  f"(fg precision {r['fg_precision']:.1f}, recall {r['fg_recall']:.1f})")
+            if "kept_share" in r:
+                print(f"  {name} pseudo-masks: mIoU {r['mIoU']:.1f} on kept pixels, {r['kept_share']:.1f}% kept")
+            else:
+                print(f"  {name} mIoU {r['mIoU']:.1f} at threshold {r['best_threshold']:.2f} "
+                      f"(fg precision {r['fg_precision']:.1f}, recall {r['fg_recall']:.1f})")
     print(f"run directory: {res.run_dir}")
     return 0
 
@@ -236,6 +253,48 @@ def _cmd_eval_cam(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_crf(args: argparse.Namespace) -> int:
+    from wsss.stages.crf import run_crf_stage, sweep_crf
+
+    cfg, run_dir = _stage_setup(args)
+    if args.sweep:
+        res = sweep_crf(cfg, run_dir, workers=args.workers)
+        keys = list(cfg.crf.sweep)
+        print("  ".join(f"{k:>13}" for k in keys) + "   mIoU   kept%")
+        for r in res["rows"]:
+            mark = " <- best" if r is res["best"] else ""
+            print("  ".join(f"{r[k]:13g}" for k in keys) + f"  {r['mIoU']:5.1f}  {r['kept_share']:5.1f}{mark}")
+        b = res["best"]
+        print(f"crf sweep: best mIoU {b['mIoU']:.1f} with {b['kept_share']:.1f}% kept on {res['images']} images "
+              f"-> {Path(res['out']) / 'best.yaml'}")
+        return 0
+    outcome = run_crf_stage(cfg, run_dir, force=args.force, workers=args.workers)
+    o = outcome.manifest["outputs"]
+    print(f"crf: {'up to date' if outcome.skipped else 'done'}; {o['images']} masks from {o['source']}, "
+          f"foreground {100 * o['mean_fg_share']:.1f}%, ignored {100 * o['mean_ignore_share']:.1f}% -> {run_dir / 'crf'}")
+    return 0
+
+
+def _cmd_eval_masks(args: argparse.Namespace) -> int:
+    from wsss.config import load_config
+    from wsss.data.dataset import load_dataset
+    from wsss.stages.crf import evaluate_masks, write_mask_report
+    from wsss.stages.data import dataset_root
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(cfg.run.out_dir)
+    masks = args.masks or run_dir / "crf"
+    split = args.split or cfg.cam.split
+    ds = load_dataset(args.data or dataset_root(cfg.data, run_dir), split, cfg.data.classes)
+    res = evaluate_masks(masks, ds)
+    out = args.out or Path(masks) / "eval"
+    write_mask_report(res, ds.classes, out)
+    for name, v in res["per_class_iou"].items():
+        print(f"  {name:<14} {'-' if v is None else f'{v:5.1f}'}")
+    print(f"eval masks: mIoU {res['mIoU']:.1f} on kept pixels, {res['kept_share']:.1f}% kept, {res['images']} {split} images -> {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from wsss.log import setup_logging
 
@@ -265,9 +324,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_train_cls(args)
         elif args.command == "cam":
             return _cmd_cam(args)
+        elif args.command == "crf":
+            return _cmd_crf(args)
         elif args.command == "eval":
             if args.eval_command == "cam":
                 return _cmd_eval_cam(args)
+            if args.eval_command == "masks":
+                return _cmd_eval_masks(args)
             parser.parse_args(["eval", "--help"])
         parser.print_help()
         return 0 if args.command is None else 2

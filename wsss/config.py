@@ -143,6 +143,48 @@ class CamConfig(Section):
         return v
 
 
+class CrfConfig(Section):
+    """Stage 4: dense CRF over each image's labelled classes plus background -> palette PNG pseudo-masks.
+
+    Defaults follow the common WSSS settings (IRN/AffinityNet): 10 mean-field iterations, a smoothness
+    kernel of 3 px, an appearance kernel of 50 px / 5 colour levels.
+    """
+
+    source: Literal["auto", "cam", "expand"] = Field("auto", description="CAMs to refine; auto: expand when the run has it, else cam")
+    mode: Literal["probability", "confidence"] = Field("confidence", description="probability: one CRF, every pixel labelled; "
+                                                       "confidence: two CRFs, 255 where they disagree")
+    unary: Literal["soft", "labels"] = Field("soft", description="soft: -log of the normalised scores; "
+                                             "labels: the arg-max label held with probability gt_prob")
+    gt_prob: float = Field(0.7, gt=0, lt=1, description="labels unary: confidence in the arg-max label")
+    bg_score: Literal["threshold", "power"] = Field("threshold", description="probability mode: background score is "
+                                                    "bg_threshold, or (1 - max cam) ** alpha")
+    bg_threshold: float = Field(0.2, ge=0, le=1, description="probability mode, bg_score=threshold")
+    alpha: float = Field(4.0, gt=0, description="probability mode, bg_score=power")
+    fg_threshold: float = Field(0.30, ge=0, le=1, description="confidence mode: background score of the foreground-confident pass")
+    low_threshold: float = Field(0.05, ge=0, le=1, description="confidence mode: background score of the background-confident pass")
+    iterations: int = Field(10, ge=1, le=100, description="mean-field iterations")
+    gaussian_sxy: float = Field(3.0, gt=0, description="smoothness kernel width (px)")
+    gaussian_compat: float = Field(3.0, ge=0, description="smoothness kernel weight")
+    bilateral_sxy: float = Field(50.0, gt=0, description="appearance kernel width (px)")
+    bilateral_srgb: float = Field(5.0, gt=0, description="appearance kernel colour width (0-255 levels)")
+    bilateral_compat: float = Field(10.0, ge=0, description="appearance kernel weight")
+    workers: int = Field(0, ge=0, description="worker processes; 0 = one per CPU core")
+    sweep: dict[str, list[float]] = Field(
+        default_factory=lambda: {"fg_threshold": [0.2, 0.25, 0.3, 0.35, 0.4], "low_threshold": [0.05, 0.1, 0.15]},
+        description="`wsss crf --sweep`: values to try per key (every combination)")
+    sweep_images: int = Field(100, ge=1, description="`wsss crf --sweep`: first N labelled images scored")
+    sweep_min_kept: float = Field(0.85, ge=0, le=1, description="`wsss crf --sweep`: best = highest mIoU keeping at least this share")
+
+    @model_validator(mode="after")
+    def _check(self) -> "CrfConfig":
+        if self.mode == "confidence" and self.low_threshold > self.fg_threshold:
+            raise ValueError(f"low_threshold ({self.low_threshold}) must not exceed fg_threshold ({self.fg_threshold})")
+        bad = sorted(set(self.sweep) - set(type(self).model_fields) - {"sweep"})
+        if bad or "sweep" in self.sweep:
+            raise ValueError(f"sweep keys must be crf settings, got {', '.join(bad or ['sweep'])}")
+        return self
+
+
 class EvalConfig(Section):
     """Scoring against ground truth (never read by weakly-supervised stages)."""
 
@@ -171,6 +213,7 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train_cls: TrainClsConfig = Field(default_factory=TrainClsConfig)
     cam: CamConfig = Field(default_factory=CamConfig)
+    crf: CrfConfig = Field(default_factory=CrfConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
 

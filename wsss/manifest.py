@@ -95,3 +95,23 @@ def finished_outcome(folder: str | Path, stage: str, config_hash: str, inputs: M
         return None
     logging.getLogger("wsss.stages").info("%s: up to date (%s), skipped", stage, folder)
     return StageOutcome(old, skipped=True)
+
+
+def prepare_output_folder(out: str | Path, key: str, clear: bool, pattern: str) -> None:
+    """Make ``out`` hold only outputs of ``key`` (so a re-run resumes only its own work): clear the
+    files matching ``pattern``, the manifest and ``eval/`` when ``clear`` is set or when the ``.key``
+    marker (written before any output) names another key."""
+    import shutil
+
+    from wsss.io import write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / ".key"
+    stale = clear or (marker.is_file() and marker.read_text().strip() != key)
+    if stale:
+        for f in out.glob(pattern):
+            f.unlink()
+        (out / "manifest.json").unlink(missing_ok=True)
+        shutil.rmtree(out / "eval", ignore_errors=True)
+    write_text(marker, key + "\n")

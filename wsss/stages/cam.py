@@ -14,22 +14,20 @@ files and computes only the missing ones; a changed key clears the folder first.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from wsss.cam.extract import extract_cams
 from wsss.cam.methods import create_cam_method
 from wsss.config import CamConfig, config_hash, config_to_dict, save_config
 from wsss.data.dataset import Dataset
-from wsss.errors import DataError, WsssError
-from wsss.io import atomic_path, write_text
+from wsss.camfile import save_cam
+from wsss.errors import WsssError
 from wsss.log import progress
-from wsss.manifest import StageOutcome, finished_outcome, read_manifest, stage_key, write_manifest
+from wsss.manifest import StageOutcome, finished_outcome, prepare_output_folder, read_manifest, stage_key, write_manifest
 from wsss.models.inference import fold_batchnorm
 from wsss.stages.train_cls import use_channels_last
 
@@ -37,36 +35,6 @@ if TYPE_CHECKING:
     from wsss.config import Config
 
 log = logging.getLogger(__name__)
-
-
-def save_cam(path: str | Path, classes: np.ndarray, cam: np.ndarray) -> None:
-    """Atomically write one image's maps: ``classes (k,)`` ids, ``cam (k, H, W)`` in [0, 1]."""
-    classes = np.asarray(classes)
-    if cam.ndim != 3 or cam.shape[0] != len(classes):
-        raise ValueError(f"cam must be (k, H, W) with k = {len(classes)}, got {cam.shape}")
-    with atomic_path(path, suffix=".tmp.npz") as tmp:
-        np.savez(tmp, classes=classes.astype(np.int16), cam=cam.astype(np.float16))
-
-
-def load_cam(path: str | Path, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``(classes (k,) int64, cam (k, H, W) float32)`` from a CAM ``.npz``, validating it."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            classes, cam = z["classes"].astype(np.int64), z["cam"].astype(np.float32)
-    except FileNotFoundError:
-        raise DataError("CAM file not found", path) from None
-    except (KeyError, ValueError, OSError) as e:
-        raise DataError(f"not a wsss CAM file ({type(e).__name__}: {e})", path) from None
-    if cam.ndim != 3 or cam.shape[0] != len(classes):
-        raise DataError(f"cam has shape {cam.shape} but {len(classes)} classes", path)
-    if not np.isfinite(cam).all():
-        raise DataError("cam contains NaN or infinite values", path)
-    if cam.size and (cam.min() < 0 or cam.max() > 1.001):
-        raise DataError(f"cam values must be in [0, 1], found {cam.min():.3g}..{cam.max():.3g}", path)
-    if num_classes is not None and len(classes) and (classes.min() < 1 or classes.max() > num_classes):
-        raise DataError(f"class ids {classes.tolist()} outside 1..{num_classes}", path)
-    return classes, cam
 
 
 def run_cam_extraction(model, ds: Dataset, cfg: CamConfig, out_dir: str | Path, device: torch.device,
@@ -118,7 +86,7 @@ def run_cam_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> St
     done = finished_outcome(out, "cam", chash, inputs, force)
     if done is not None:
         return done
-    _prepare_folder(out, key, force, "*.npz")
+    prepare_output_folder(out, key, force, "*.npz")
     save_config(cfg.cam, out / "config.yaml")
     device = resolve_device(cfg.cam.device)
     model, meta = load_classifier(run_dir / "cls" / "classifier.pt", device)
@@ -128,17 +96,3 @@ def run_cam_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> St
     log.info("cam: %d images (%d computed, %d reused), method %s, %d scales%s -> %s", counts["images"], counts["computed"],
              counts["reused"], cfg.cam.method, len(cfg.cam.scales), " + flip" if cfg.cam.flip else "", out)
     return StageOutcome(man, skipped=False)
-
-
-def _prepare_folder(out: Path, key: str, clear: bool, pattern: str) -> None:
-    """Make ``out`` hold only outputs of ``key``: clear its outputs when ``clear`` is set or when its
-    ``.key`` marker (written before any output) names another key."""
-    out.mkdir(parents=True, exist_ok=True)
-    marker = out / ".key"
-    stale = clear or (marker.is_file() and marker.read_text().strip() != key)
-    if stale:
-        for f in out.glob(pattern):
-            f.unlink()
-        (out / "manifest.json").unlink(missing_ok=True)
-        shutil.rmtree(out / "eval", ignore_errors=True)
-    write_text(marker, key + "\n")

@@ -18,7 +18,7 @@ from wsss.errors import DataError
 from wsss.evaluation import SweepResult, plot_sweep, sweep_cam_thresholds
 from wsss.io import write_json, write_text
 from wsss.log import progress
-from wsss.stages.cam import load_cam
+from wsss.camfile import load_cam
 
 if TYPE_CHECKING:
     from wsss.config import Config
@@ -82,7 +82,8 @@ def run_eval_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> "
     run_dir = Path(run_dir)
     out = run_dir / "eval"
     scored = {name: man for name in ("cam", "expand") if (man := read_manifest(run_dir / name)) is not None}
-    inputs = {name: man["key"] for name, man in scored.items()}
+    mask_stages = {name: man for name in ("crf",) if (man := read_manifest(run_dir / name)) is not None}
+    inputs = {name: man["key"] for name, man in {**scored, **mask_stages}.items()}
     section = config_to_dict(cfg.eval)
     chash = config_hash(section)
     done = finished_outcome(out, "eval", chash, inputs, force)
@@ -90,16 +91,24 @@ def run_eval_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> "
         return done
     results = {}
     split = cfg.cam.split
-    ds = open_split(run_dir, split) if scored else None
+    ds = open_split(run_dir, split) if scored or mask_stages else None
     if ds is not None and not ds.has_masks:
-        log.warning("eval: split '%s' has no ground-truth masks; %s not scored", split, ", ".join(scored))
-        scored = {}
+        log.warning("eval: split '%s' has no ground-truth masks; %s not scored", split, ", ".join([*scored, *mask_stages]))
+        scored, mask_stages = {}, {}
     for name in scored:
         res = evaluate_cam_folder(run_dir / name, ds, cfg.eval.thresholds)
         results[name] = write_cam_report(res, ds.classes, run_dir / name / "eval", title=f"{name} on {split}")
         r = results[name]
         log.info("eval %s: mIoU %.1f at threshold %.2f (fg precision %.1f, recall %.1f) on %d %s images", name,
                  r["mIoU"], r["best_threshold"], r["fg_precision"], r["fg_recall"], len(ds), split)
+    for name in mask_stages:
+        from wsss.stages.crf import evaluate_masks, write_mask_report
+
+        res = evaluate_masks(run_dir / name, ds)
+        write_mask_report(res, ds.classes, run_dir / name / "eval")
+        results[name] = {k: v for k, v in res.items() if k != "confusion"}
+        log.info("eval %s: mIoU %.1f on kept pixels, %.1f%% kept, on %d %s images", name, res["mIoU"], res["kept_share"], len(ds), split)
     write_json(out / "summary.json", results)
-    man = write_manifest(out, "eval", section, chash, inputs, {name: {k: r[k] for k in ("mIoU", "best_threshold")} for name, r in results.items()}, started)
+    brief = {name: {k: r[k] for k in ("mIoU", "best_threshold", "kept_share") if k in r} for name, r in results.items()}
+    man = write_manifest(out, "eval", section, chash, inputs, brief, started)
     return StageOutcome(man, skipped=False)

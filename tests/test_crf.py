@@ -1,0 +1,221 @@
+"""Stage 4: dense-CRF pseudo-masks (core on tiny synthetic arrays, then the stage, eval and sweep)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from wsss.camfile import save_cam
+from wsss.config import CrfConfig, load_config
+from wsss.crf import mask_stats, pseudo_mask, refine
+from wsss.errors import DataError
+from wsss.io import read_mask, voc_palette, write_image, write_palette_png
+from wsss.manifest import write_manifest
+from wsss.stages.crf import crf_one, evaluate_masks, run_crf_stage, sweep_crf
+from wsss.stages.data import open_split, run_data_stage
+
+from tests.conftest import make_voc
+
+
+def two_colour_scene(h=40, w=60, edge=30):
+    """Left of ``edge`` red, right blue (plus mild noise); a CAM for class 3 that spills 8 px past the
+    colour edge and fades out gradually."""
+    rng = np.random.default_rng(0)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, :edge] = (200, 30, 30)
+    img[:, edge:] = (30, 30, 200)
+    img = np.clip(img.astype(int) + rng.integers(-10, 10, img.shape), 0, 255).astype(np.uint8)
+    x = np.arange(w)
+    cam = np.clip((edge + 8 - x) / 16.0 + 0.5, 0, 1)[None, None, :].repeat(h, 1).astype(np.float32)
+    return img, np.array([3]), cam
+
+
+PROB = CrfConfig(mode="probability", bg_threshold=0.4)
+
+
+def test_mask_snaps_to_colour_edge():
+    img, classes, cam = two_colour_scene()
+    naive = np.where(cam[0] > 0.4, 3, 0)
+    mask = pseudo_mask(img, classes, cam, PROB)
+    truth = np.zeros(mask.shape, np.uint8)
+    truth[:, :30] = 3
+    naive_err = (naive != truth).mean()
+    crf_err = (mask != truth).mean()
+    assert naive_err > 0.1, "the test scene must be wrong without the CRF"
+    assert crf_err < 0.02 and crf_err < naive_err / 5
+
+
+def test_absent_classes_never_appear_and_input_untouched():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    cams = rng.random((2, 24, 32)).astype(np.float32)
+    classes = np.array([2, 5])
+    img0, cams0 = img.copy(), cams.copy()
+    for cfg in (PROB, CrfConfig(), CrfConfig(mode="probability", bg_score="power", alpha=2.0), CrfConfig(unary="labels")):
+        m = pseudo_mask(img, classes, cams, cfg)
+        assert m.dtype == np.uint8 and m.shape == (24, 32)
+        assert set(np.unique(m)) <= {0, 2, 5, 255}
+        if cfg.mode == "probability":
+            assert 255 not in m
+    assert np.array_equal(img, img0) and np.array_equal(cams, cams0)
+    assert np.array_equal(pseudo_mask(img, np.array([], np.int64), np.zeros((0, 24, 32), np.float32), PROB), np.zeros((24, 32)))
+
+
+def test_ignore_exactly_where_confident_passes_disagree():
+    img, classes, cam = two_colour_scene()
+    cfg = CrfConfig(mode="confidence", fg_threshold=0.9, low_threshold=0.05)
+    m = pseudo_mask(img, classes, cam, cfg)
+    hi = refine(img, cam, cfg.fg_threshold, cfg)
+    lo = refine(img, cam, cfg.low_threshold, cfg)
+    assert ((m == 255) == (hi != lo)).all()
+    assert (m == 255).any() and (m == 3).any() and (m == 0).any()
+    assert np.array_equal(m, pseudo_mask(img, classes, cam, cfg)), "deterministic"
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (lambda c: c[:, :-1], "cams are"),
+    (lambda c: np.where(c > 0.5, np.nan, c), "NaN"),
+    (lambda c: c[None], "must be"),
+])
+def test_core_rejects_bad_cams(bad, msg):
+    img, classes, cam = two_colour_scene()
+    with pytest.raises(ValueError, match=msg):
+        pseudo_mask(img, classes, bad(cam), PROB)
+
+
+def test_mask_stats():
+    m = np.zeros((10, 10), np.uint8)
+    m[:5] = 2
+    m[5:7] = 255
+    assert mask_stats(m) == {"classes": [2], "fg_share": 0.5, "ignore_share": 0.2}
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+
+
+def _run_with_cams(tmp_path, n=4):
+    """A run directory over a tiny VOC set whose CAMs are made from the ground-truth boxes (so the
+    expected masks are known), with a finished cam manifest."""
+    items = {f"i{k}": ("cat" if k % 2 else "dog", (36, 44)) for k in range(n)}
+    root = make_voc(tmp_path / "voc", items)
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("i0\n")
+    for sid in items:  # images with a clear colour edge around the box, so the CRF has something to follow
+        gt = read_mask(root / "SegmentationClass" / f"{sid}.png")
+        img = np.full((*gt.shape, 3), 40, np.uint8)
+        img[gt > 0] = (220, 200, 40)
+        write_image(root / "JPEGImages" / f"{sid}.jpg", img, quality=98)
+    cfg = load_config(None, [f"data.source=voc", f"data.root={root}", f"run.out_dir={tmp_path / 'run'}"])
+    run_dir = tmp_path / "run"
+    run_data_stage(cfg.data, run_dir)
+    ds = open_split(run_dir, "train")
+    for i, s in enumerate(ds):
+        gt = ds.read_mask(i)
+        cam = (gt == s.labels[0]).astype(np.float32)
+        cam = (cam * 0.9)[None]
+        save_cam(run_dir / "cam" / f"{s.id}.npz", np.array(s.labels), cam)
+    write_manifest(run_dir / "cam", "cam", {}, "h", {}, {"images": len(ds)}, 0.0)
+    return cfg, run_dir, ds
+
+
+def test_stage_writes_palette_pngs_stats_and_resumes(tmp_path):
+    cfg, run_dir, ds = _run_with_cams(tmp_path)
+    out = run_crf_stage(cfg, run_dir, workers=1)
+    assert not out.skipped and out.manifest["outputs"]["computed"] == len(ds)
+    for i, s in enumerate(ds):
+        im = Image.open(run_dir / "crf" / f"{s.id}.png")
+        assert im.mode == "P" and np.array_equal(np.array(im.getpalette()[:9]), voc_palette()[:3].ravel())
+        assert set(np.unique(np.array(im))) <= {0, *s.labels, 255}
+    rows = list(csv.DictReader(open(run_dir / "crf" / "stats.csv")))
+    assert [r["id"] for r in rows] == [s.id for s in ds] and all(0 < float(r["fg_share"]) < 1 for r in rows)
+    res = evaluate_masks(run_dir / "crf", ds)
+    assert res["mIoU"] > 90 and res["kept_share"] > 90
+
+    assert run_crf_stage(cfg, run_dir, workers=1).skipped
+    # a killed run: one mask missing and a stale temp file; the re-run computes exactly that one
+    before = (run_dir / "crf" / "i1.png").read_bytes()
+    (run_dir / "crf" / "i1.png").unlink()
+    (run_dir / "crf" / "manifest.json").unlink()
+    again = run_crf_stage(cfg, run_dir, workers=1)
+    assert again.manifest["outputs"]["computed"] == 1 and again.manifest["outputs"]["reused"] == len(ds) - 1
+    assert (run_dir / "crf" / "i1.png").read_bytes() == before
+
+
+def test_two_workers_give_the_same_masks(tmp_path):
+    cfg, run_dir, ds = _run_with_cams(tmp_path, n=6)
+    run_crf_stage(cfg, run_dir, workers=1)
+    one = {s.id: read_mask(run_dir / "crf" / f"{s.id}.png") for s in ds}
+    two = run_crf_stage(cfg, run_dir, force=True, workers=2)
+    assert two.manifest["outputs"]["workers"] == 2
+    for s in ds:
+        assert np.array_equal(one[s.id], read_mask(run_dir / "crf" / f"{s.id}.png"))
+
+
+def test_stage_bad_inputs(tmp_path):
+    cfg, run_dir, ds = _run_with_cams(tmp_path)
+    save_cam(run_dir / "cam" / "ghost.npz", np.array([1]), np.zeros((1, 36, 44), np.float32))
+    with pytest.raises(DataError, match="no image in split"):
+        run_crf_stage(cfg, run_dir, workers=1)
+    (run_dir / "cam" / "ghost.npz").unlink()
+    (run_dir / "cam" / "i0.npz").unlink()
+    with pytest.raises(DataError, match="no CAM file"):
+        run_crf_stage(cfg, run_dir, workers=1)
+    job = ("i1", str(ds[1].image), str(run_dir / "cam" / "i1.npz"), str(tmp_path / "x.png"))
+    np.savez(run_dir / "cam" / "i1.npz", classes=np.array([1], np.int16), cam=np.full((1, 36, 44), np.nan, np.float16))
+    with pytest.raises(DataError, match="NaN"):
+        crf_one(job, CrfConfig(), 2)
+    save_cam(run_dir / "cam" / "i1.npz", np.array([1]), np.zeros((1, 20, 20), np.float32))
+    with pytest.raises(DataError, match="differs from its image"):
+        crf_one(job, CrfConfig(), 2)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_worker_error_is_reported(tmp_path):
+    cfg, run_dir, ds = _run_with_cams(tmp_path)
+    save_cam(run_dir / "cam" / "i2.npz", np.array([1]), np.zeros((1, 20, 20), np.float32))
+    with pytest.raises(DataError, match="differs from its image"):
+        run_crf_stage(cfg, run_dir, workers=2)
+
+
+def test_eval_masks_counts_kept_pixels(tmp_path):
+    cfg, run_dir, ds = _run_with_cams(tmp_path, n=2)
+    folder = tmp_path / "pred"
+    for i, s in enumerate(ds):
+        gt = ds.read_mask(i)
+        pred = gt.copy()
+        pred[:, : gt.shape[1] // 2] = 255  # half the image ignored
+        write_palette_png(folder / f"{s.id}.png", pred)
+    res = evaluate_masks(folder, ds)
+    assert res["mIoU"] == 100.0 and res["kept_share"] == 50.0
+    wrong = ds.read_mask(0)
+    write_palette_png(folder / f"{ds[0].id}.png", np.where(wrong > 0, 0, wrong).astype(np.uint8))
+    assert evaluate_masks(folder, ds)["mIoU"] < 100
+    (folder / f"{ds[1].id}.png").unlink()
+    with pytest.raises(DataError, match="no mask"):
+        evaluate_masks(folder, ds)
+
+
+def test_sweep_writes_loadable_snippet(tmp_path):
+    cfg, run_dir, ds = _run_with_cams(tmp_path)
+    cfg = load_config(None, [f"data.source=voc", f"data.root={tmp_path / 'voc'}", f"run.out_dir={run_dir}",
+                             "crf.sweep={fg_threshold: [0.3, 0.6], low_threshold: [0.05]}", "crf.sweep_images=3"])
+    res = sweep_crf(cfg, run_dir, workers=1)
+    assert len(res["rows"]) == 2 and res["images"] == 3
+    text = (run_dir / "crf_sweep" / "best.yaml").read_text()
+    snippet = yaml.safe_load(text)
+    assert set(snippet["crf"]) == {"fg_threshold", "low_threshold"}
+    assert load_config(None, [f"crf.{k}={v}" for k, v in snippet["crf"].items()]).crf.fg_threshold == res["best"]["fg_threshold"]
+    assert not list((run_dir / "crf_sweep").glob("trial_*")), "trial folders are cleaned up"
+
+
+def test_config_rejects_bad_crf_settings():
+    from wsss.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="low_threshold"):
+        load_config(None, ["crf.fg_threshold=0.1", "crf.low_threshold=0.3"])
+    with pytest.raises(ConfigError, match="sweep keys"):
+        load_config(None, ["crf.sweep={nope: [1]}"])
