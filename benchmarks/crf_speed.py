@@ -22,9 +22,9 @@ from wsss.stages.crf import crf_jobs, run_crf
 from wsss.stages.data import open_split
 
 
-def timed_run(ds, cam_dir, cfg, workers, scratch: Path) -> float:
+def timed_run(ds, full, cam_dir, cfg, workers, scratch: Path) -> float:
     folder = Path(tempfile.mkdtemp(dir=scratch))
-    jobs, _ = crf_jobs(ds, cam_dir, folder, skip_done=False)
+    jobs, _ = crf_jobs(ds, cam_dir, folder, skip_done=False, split=full)
     t = time.perf_counter()
     run_crf(jobs, cfg, ds.num_classes, workers)
     secs = time.perf_counter() - t
@@ -51,12 +51,12 @@ def main() -> int:
     try:
         conf = CrfConfig(mode="confidence")
         prob = CrfConfig(mode="probability")
-        timed_run(ds.subset([ds[0].id]), cam_dir, conf, 1, scratch)  # warm-up (imports, page cache)
+        timed_run(ds.subset([ds[0].id]), full, cam_dir, conf, 1, scratch)  # warm-up (imports, page cache)
         t1, tn = [], []
         for _ in range(args.repeats):
-            t1.append(timed_run(ds, cam_dir, conf, 1, scratch))
-            tn.append(timed_run(ds, cam_dir, conf, args.workers, scratch))
-        t_prob = min(timed_run(ds, cam_dir, prob, 1, scratch) for _ in range(args.repeats))
+            t1.append(timed_run(ds, full, cam_dir, conf, 1, scratch))
+            tn.append(timed_run(ds, full, cam_dir, conf, args.workers, scratch))
+        t_prob = min(timed_run(ds, full, cam_dir, prob, 1, scratch) for _ in range(args.repeats))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     res.update({

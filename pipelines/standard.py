@@ -17,6 +17,7 @@ from wsss.manifest import StageOutcome
 from wsss.stages.cam import run_cam_stage
 from wsss.stages.crf import run_crf_stage
 from wsss.stages.data import run_data_stage
+from wsss.stages.expand import run_expand_stage
 from wsss.stages.eval import run_eval_stage
 from wsss.stages.train_cls import run_train_cls_stage
 
@@ -31,14 +32,22 @@ class RunResult:
     run_dir: Path
     done: list[tuple[str, float, bool]] = field(default_factory=list)  # (stage, seconds, skipped)
     not_built: list[str] = field(default_factory=list)
+    disabled: list[str] = field(default_factory=list)
 
 
-def _stages() -> dict[str, Callable[[Config, Path, bool], StageOutcome] | None]:
+def _expand(cfg: Config, run_dir: Path, force: bool) -> StageOutcome | None:
+    if not cfg.expand.enabled:
+        log.info("stage expand: disabled (expand.enabled=false)")
+        return None
+    return run_expand_stage(cfg, run_dir, force=force)
+
+
+def _stages() -> dict[str, Callable[[Config, Path, bool], StageOutcome | None] | None]:
     return {
         "data": lambda cfg, run_dir, force: run_data_stage(cfg.data, run_dir, force=force),
         "train-cls": lambda cfg, run_dir, force: run_train_cls_stage(cfg, run_dir, force=force),
         "cam": lambda cfg, run_dir, force: run_cam_stage(cfg, run_dir, force=force),
-        "expand": None,
+        "expand": _expand,
         "crf": lambda cfg, run_dir, force: run_crf_stage(cfg, run_dir, force=force),
         "train-seg": None,
         "eval": lambda cfg, run_dir, force: run_eval_stage(cfg, run_dir, force=force),
@@ -64,5 +73,8 @@ def run(cfg: Config, from_stage: str | None = None, to_stage: str | None = None,
             continue
         t0 = time.time()
         outcome = fn(cfg, run_dir, i >= forced_from)
+        if outcome is None:
+            result.disabled.append(name)
+            continue
         result.done.append((name, time.time() - t0, outcome.skipped))
     return result

@@ -219,3 +219,40 @@ def test_config_rejects_bad_crf_settings():
         load_config(None, ["crf.fg_threshold=0.1", "crf.low_threshold=0.3"])
     with pytest.raises(ConfigError, match="sweep keys"):
         load_config(None, ["crf.sweep={nope: [1]}"])
+
+
+def test_killed_run_leaves_no_half_file_and_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # enough images that the run is still going when it is killed
+    items = {f"k{k}": ("cat", (240, 320)) for k in range(16)}
+    root = make_voc(tmp_path / "big", items)
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("k0\n")
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"run: {{out_dir: {tmp_path / 'bigrun'}}}\ndata: {{source: voc, root: {root}}}\n")
+    big = load_config(conf)
+    run_data_stage(big.data, tmp_path / "bigrun")
+    bds = open_split(tmp_path / "bigrun", "train")
+    rng = np.random.default_rng(0)
+    for s in bds:
+        save_cam(tmp_path / "bigrun" / "cam" / f"{s.id}.npz", np.array(s.labels), rng.random((1, 240, 320)).astype(np.float32))
+    write_manifest(tmp_path / "bigrun" / "cam", "cam", {}, "h", {}, {}, 0.0)
+    proc = subprocess.Popen([sys.executable, "-m", "wsss", "-q", "crf", str(conf), "--workers", "2"])
+    out = tmp_path / "bigrun" / "crf"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*.png"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(out.glob("*.png"))
+    assert 2 <= len(done) < 16, "killed mid-run"
+    for p in done:
+        assert read_mask(p).shape == (240, 320)  # every visible PNG is complete
+    assert not (out / "manifest.json").exists()
+    again = run_crf_stage(big, tmp_path / "bigrun", workers=2)
+    o = again.manifest["outputs"]
+    assert o["reused"] >= len(done) and o["reused"] + o["computed"] == 16
+    assert not list(out.glob(".*.tmp*")), "temp files of the killed run are cleaned up"

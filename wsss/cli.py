@@ -15,7 +15,6 @@ from wsss.errors import NotBuiltError, WsssError
 log = logging.getLogger("wsss")
 
 PLANNED = {
-    "expand": ("expand CAMs with erasing and mixup", 4),
     "train-seg": ("train a DeepLab segmenter on the pseudo-masks", 6),
     "predict": ("predict masks for new images", 6),
     "inspect": ("write an HTML gallery of a run's maps and masks", 7),
@@ -82,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     cam.add_argument("config", type=Path, help="YAML config (sections run, data, cam)")
     cam.add_argument("--force", action="store_true", help="recompute every map")
     _overrides(cam)
+
+    ex = sub.add_parser("expand", help="fine-tune with erasing / hide-and-seek / ACoL / mixup and extract expanded CAMs")
+    ex.add_argument("config", type=Path, help="YAML config (sections run, data, train_cls, cam, expand)")
+    ex.add_argument("--force", action="store_true", help="redo every round")
+    _overrides(ex)
 
     crf = sub.add_parser("crf", help="refine CAMs with a dense CRF into palette-PNG pseudo-masks")
     crf.add_argument("config", type=Path, help="YAML config (sections run, data, cam, crf)")
@@ -178,6 +182,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     res = run(cfg, args.from_stage, args.to_stage, tuple(args.force))
     for name, secs, skipped in res.done:
         print(f"  {name:<10} {'up to date' if skipped else 'done':<11} {secs:7.1f} s")
+    if res.disabled:
+        print(f"  disabled in the config: {', '.join(res.disabled)}")
     if res.not_built:
         print(f"  not built in wsss {__version__} yet: {', '.join(res.not_built)}")
     summary = res.run_dir / "eval" / "summary.json"
@@ -230,26 +236,43 @@ def _cmd_cam(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval_cam(args: argparse.Namespace) -> int:
+def _eval_setup(args: argparse.Namespace, folder: Path | None, default: str):
+    """``(cfg, folder to score, split, dataset with ground truth, report folder)`` of an eval command."""
     from wsss.config import load_config
     from wsss.data.dataset import load_dataset
     from wsss.stages.data import dataset_root
-    from wsss.stages.eval import evaluate_cam_folder, write_cam_report
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg.run.out_dir)
-    cams = args.cams or run_dir / "cam"
+    folder = Path(folder or run_dir / default)
     split = args.split or cfg.cam.split
     ds = load_dataset(args.data or dataset_root(cfg.data, run_dir), split, cfg.data.classes)
+    return cfg, folder, split, ds, args.out or folder / "eval"
+
+
+def _cmd_eval_cam(args: argparse.Namespace) -> int:
+    from wsss.stages.eval import evaluate_cam_folder, write_cam_report
+
+    cfg, cams, split, ds, out = _eval_setup(args, args.cams, "cam")
     result = evaluate_cam_folder(cams, ds, cfg.eval.thresholds)
-    out = args.out or Path(cams) / "eval"
-    summary = write_cam_report(result, ds.classes, out, title=f"{Path(cams).name} on {split}")
+    summary = write_cam_report(result, ds.classes, out, title=f"{cams.name} on {split}")
     print("threshold   mIoU  fg-prec  fg-rec")
     for row in result.rows():
         mark = " <- best" if row["threshold"] == result.best_threshold else ""
         print(f"  {row['threshold']:7.2f}  {100 * row['mIoU']:5.1f}  {100 * row['fg_precision']:7.1f}  {100 * row['fg_recall']:6.1f}{mark}")
     print(f"eval cam: mIoU {summary['mIoU']:.1f} at threshold {summary['best_threshold']:.2f} "
           f"(fg precision {summary['fg_precision']:.1f}, recall {summary['fg_recall']:.1f}) on {len(ds)} {split} images -> {out}")
+    return 0
+
+
+def _cmd_expand(args: argparse.Namespace) -> int:
+    from wsss.stages.expand import run_expand_stage
+
+    cfg, run_dir = _stage_setup(args)
+    outcome = run_expand_stage(cfg, run_dir, force=args.force)
+    o = outcome.manifest["outputs"]
+    print(f"expand: {'up to date' if outcome.skipped else 'done'}; {'+'.join(o['methods'])}, {len(o['rounds'])} round(s), "
+          f"fine-tuning {o['finetune_s']:.0f} s; {o['images']} images -> {run_dir / 'expand'}")
     return 0
 
 
@@ -276,18 +299,10 @@ def _cmd_crf(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_masks(args: argparse.Namespace) -> int:
-    from wsss.config import load_config
-    from wsss.data.dataset import load_dataset
     from wsss.stages.crf import evaluate_masks, write_mask_report
-    from wsss.stages.data import dataset_root
 
-    cfg = load_config(args.config, args.overrides)
-    run_dir = Path(cfg.run.out_dir)
-    masks = args.masks or run_dir / "crf"
-    split = args.split or cfg.cam.split
-    ds = load_dataset(args.data or dataset_root(cfg.data, run_dir), split, cfg.data.classes)
+    _, masks, split, ds, out = _eval_setup(args, args.masks, "crf")
     res = evaluate_masks(masks, ds)
-    out = args.out or Path(masks) / "eval"
     write_mask_report(res, ds.classes, out)
     for name, v in res["per_class_iou"].items():
         print(f"  {name:<14} {'-' if v is None else f'{v:5.1f}'}")
@@ -324,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_train_cls(args)
         elif args.command == "cam":
             return _cmd_cam(args)
+        elif args.command == "expand":
+            return _cmd_expand(args)
         elif args.command == "crf":
             return _cmd_crf(args)
         elif args.command == "eval":

@@ -143,6 +143,46 @@ class CamConfig(Section):
         return v
 
 
+class ErasingConfig(Section):
+    """Adversarial erasing: per round, erase where the merged maps exceed ``threshold``, fine-tune, re-extract."""
+
+    rounds: int = Field(2, ge=1, le=10)
+    threshold: float = Field(0.5, gt=0, le=1, description="erase pixels whose max-normalised map of a labelled class exceeds this")
+    stop_score: float = Field(0.5, ge=0, le=1, description="guard: a round's map of a class is merged only where the "
+                                                           "fine-tuned classifier still scores the erased image >= this")
+
+
+class HideAndSeekConfig(Section):
+    grid: int = Field(4, ge=2, le=32, description="patches per side")
+    prob: float = Field(0.5, ge=0, lt=1, description="probability of hiding each patch")
+
+
+class ACoLConfig(Section):
+    threshold: float = Field(0.6, gt=0, lt=1, description="head A's normalised map above this is erased for head B")
+
+
+class MixupConfig(Section):
+    alpha: float = Field(1.0, gt=0, description="mixing weight ~ Beta(alpha, alpha)")
+    entropy_weight: float = Field(0.05, ge=0, description="weight of the per-pixel class entropy term")
+    concentration_weight: float = Field(0.0, ge=0, description="weight of the feature concentration term")
+
+
+class ExpandConfig(Section):
+    """Stage 3: fine-tune the stage-1 classifier with expansion methods and extract new maps (same
+    settings as `cam`)."""
+
+    enabled: bool = Field(True, description="run this stage in `wsss run` (crf then reads the plain CAMs when off)")
+    methods: list[str] = Field(default_factory=lambda: ["erasing"], min_length=1, description="registered expansion "
+                               "methods (see `wsss.expand.EXPAND_METHODS`); 'plain' = fine-tuning alone, the control")
+    epochs: int = Field(3, ge=1, description="fine-tuning epochs (per round for erasing)")
+    lr: float | None = Field(None, gt=0, description="fine-tuning learning rate; default train_cls.lr / 2")
+    merge_seed: bool = Field(False, description="also merge (max) the stage-2 maps into the output")
+    erasing: ErasingConfig = Field(default_factory=ErasingConfig)
+    hide_and_seek: HideAndSeekConfig = Field(default_factory=HideAndSeekConfig)
+    acol: ACoLConfig = Field(default_factory=ACoLConfig)
+    mixup: MixupConfig = Field(default_factory=MixupConfig)
+
+
 class CrfConfig(Section):
     """Stage 4: dense CRF over each image's labelled classes plus background -> palette PNG pseudo-masks.
 
@@ -213,6 +253,7 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train_cls: TrainClsConfig = Field(default_factory=TrainClsConfig)
     cam: CamConfig = Field(default_factory=CamConfig)
+    expand: ExpandConfig = Field(default_factory=ExpandConfig)
     crf: CrfConfig = Field(default_factory=CrfConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 

@@ -98,15 +98,17 @@ def finished_outcome(folder: str | Path, stage: str, config_hash: str, inputs: M
 
 
 def prepare_output_folder(out: str | Path, key: str, clear: bool, pattern: str) -> None:
-    """Make ``out`` hold only outputs of ``key`` (so a re-run resumes only its own work): clear the
-    files matching ``pattern``, the manifest and ``eval/`` when ``clear`` is set or when the ``.key``
-    marker (written before any output) names another key."""
+    """Make ``out`` hold only outputs of ``key`` (so a re-run resumes only its own work): remove temp
+    files left by a killed run; clear the files matching ``pattern``, the manifest and ``eval/`` when
+    ``clear`` is set or when the ``.key`` marker (written before any output) names another key."""
     import shutil
 
     from wsss.io import write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob(".*.tmp*"):  # temp files of a killed run (see wsss.io.atomic_path): never outputs
+        tmp.unlink(missing_ok=True)
     marker = out / ".key"
     stale = clear or (marker.is_file() and marker.read_text().strip() != key)
     if stale:

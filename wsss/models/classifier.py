@@ -39,10 +39,73 @@ class Classifier(nn.Module):
 
     def cam(self, feats: torch.Tensor) -> torch.Tensor:
         """Raw class activation maps ``(B, K, h, w)`` from features (ReLU applied, not normalised)."""
-        return F.relu(F.conv2d(feats, self.classifier.weight))
+        return F.relu(self.class_maps(feats))
+
+    def class_maps(self, feats: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Linear class maps ``(B, k, h, w)`` (before ReLU) of ``classes (k,)`` (default: all), from
+        features ``(B, C, h, w)``. Subclasses with several heads fuse them here."""
+        w = self.classifier.weight if classes is None else self.classifier.weight[classes]
+        return F.conv2d(feats, w)
+
+    def head_config(self) -> dict:
+        """What :func:`create_classifier` needs besides the backbone to rebuild this head."""
+        return {"head": "gap"}
 
     def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
         """Backbone at ``lr``, the new head at ``lr * head_lr_mult`` (frozen parameters left out)."""
         back = [p for p in self.backbone.parameters() if p.requires_grad]
         head = [p for p in self.classifier.parameters() if p.requires_grad]
         return [{"params": back, "lr": lr, "base_lr": lr}, {"params": head, "lr": lr * head_lr_mult, "base_lr": lr * head_lr_mult}]
+
+
+class ACoLClassifier(Classifier):
+    """ACoL (Zhang et al. 2018): a second head ``classifier_b`` learns from the features with the first
+    head's most discriminative region erased (``features * (cam_a < threshold)``), so it has to find
+    the rest of the object. Logits are head A's; class maps are the element-wise max of both heads."""
+
+    def __init__(self, backbone: Backbone, num_classes: int, dropout: float = 0.0, threshold: float = 0.6) -> None:
+        super().__init__(backbone, num_classes, dropout)
+        self.threshold = threshold
+        self.classifier_b = nn.Conv2d(backbone.out_channels, num_classes, 1, bias=False)
+        nn.init.normal_(self.classifier_b.weight, std=0.01)
+
+    def class_maps(self, feats: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        wa, wb = self.classifier.weight, self.classifier_b.weight
+        if classes is not None:
+            wa, wb = wa[classes], wb[classes]
+        return torch.maximum(F.conv2d(feats, wa), F.conv2d(feats, wb))
+
+    def erase_mask(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, h, w)`` 1 where head A's max-normalised map of any labelled class (``labels (B, K)``
+        multi-hot) exceeds the threshold; computed without gradient."""
+        with torch.no_grad():
+            cam = F.relu(F.conv2d(feats, self.classifier.weight))
+            cam = cam / cam.amax(dim=(2, 3), keepdim=True).clamp_min(1e-5)
+            cam = cam * (labels[:, :, None, None] > 0)
+            return (cam.amax(1, keepdim=True) > self.threshold).to(feats.dtype)
+
+    def forward_both_from_features(self, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training: logits ``(B, K)`` of head A, and of head B on the features ``(B, C, h, w)`` with
+        head A's discriminative region (for the ``labels (B, K)``) erased."""
+        logits_a = self.forward_head(feats)
+        erased = feats * (1 - self.erase_mask(feats, labels))
+        pooled = F.adaptive_avg_pool2d(self.dropout(erased), 1)
+        return logits_a, self.classifier_b(pooled).flatten(1)
+
+    def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
+        groups = super().param_groups(lr, head_lr_mult)
+        groups[1]["params"] = groups[1]["params"] + [p for p in self.classifier_b.parameters() if p.requires_grad]
+        return groups
+
+    def head_config(self) -> dict:
+        return {"head": "acol", "acol_threshold": self.threshold}
+
+
+def create_classifier(backbone: Backbone, num_classes: int, head: str = "gap", dropout: float = 0.0,
+                      acol_threshold: float = 0.6) -> Classifier:
+    """The plain GAP classifier (``head='gap'``) or ACoL's two-head one (``head='acol'``)."""
+    if head == "gap":
+        return Classifier(backbone, num_classes, dropout)
+    if head == "acol":
+        return ACoLClassifier(backbone, num_classes, dropout, acol_threshold)
+    raise ValueError(f"unknown classifier head '{head}' (valid: acol, gap)")

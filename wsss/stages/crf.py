@@ -142,11 +142,12 @@ def write_stats(out_dir: Path, ids: Iterable[str]) -> dict[str, float]:
     return {"mean_fg_share": float(np.mean(fg)) if fg else 0.0, "mean_ignore_share": float(np.mean(ign)) if ign else 0.0}
 
 
-def cam_source(cfg: CrfConfig, run_dir: Path) -> str:
-    """Which CAM stage folder the CRF reads: ``expand`` when configured or present (auto), else ``cam``."""
-    if cfg.source != "auto":
-        return cfg.source
-    return "expand" if read_manifest(run_dir / "expand") is not None else "cam"
+def cam_source(cfg: "Config", run_dir: Path) -> str:
+    """Which CAM stage folder the CRF reads: ``crf.source``, or for ``auto`` the expanded maps when the
+    expand stage is enabled and finished, else the plain ones."""
+    if cfg.crf.source != "auto":
+        return cfg.crf.source
+    return "expand" if cfg.expand.enabled and read_manifest(run_dir / "expand") is not None else "cam"
 
 
 def run_crf_stage(cfg: "Config", run_dir: str | Path, force: bool = False, workers: int | None = None) -> StageOutcome:
@@ -156,7 +157,7 @@ def run_crf_stage(cfg: "Config", run_dir: str | Path, force: bool = False, worke
     started = time.time()
     run_dir = Path(run_dir)
     out = run_dir / "crf"
-    source = cam_source(cfg.crf, run_dir)
+    source = cam_source(cfg, run_dir)
     src_man = read_manifest(run_dir / source)
     if src_man is None:
         cmd = "wsss cam" if source == "cam" else "wsss expand"
@@ -259,7 +260,7 @@ def sweep_crf(cfg: "Config", run_dir: str | Path, n_images: int | None = None, w
 
     run_dir = Path(run_dir)
     c = cfg.crf
-    source = cam_source(c, run_dir)
+    source = cam_source(cfg, run_dir)
     if read_manifest(run_dir / source) is None:
         raise WsssError(f"no finished {source} stage in this run directory to sweep on", run_dir)
     ds = open_split(run_dir, cfg.cam.split)

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from wsss.io import atomic_path, write_text
 from wsss.log import progress
 from wsss.metrics import average_precision, f1_scores
 from wsss.models.backbones import create_backbone
-from wsss.models.classifier import Classifier
+from wsss.models.classifier import ACoLClassifier, Classifier, create_classifier
 
 if TYPE_CHECKING:
     from wsss.config import Config
@@ -56,11 +56,19 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 class ClsDataset(torch.utils.data.Dataset):
-    """Image-level-label dataset for training: ``(image (3, S, S), labels (K,))``."""
+    """Image-level-label dataset for training: ``(image (3, S, S), labels (K,))``.
 
-    def __init__(self, ds: Dataset, transform, mean, std, seed: int = 0) -> None:
+    ``erase`` maps image ids to boolean masks ``(H, W)`` at image resolution; those pixels are set to
+    the normalisation mean (zero after normalising) after the augmentation, which moves the masks
+    along with the image (nearest-neighbour, 255 padding = not erased).
+    """
+
+    def __init__(self, ds: Dataset, transform, mean, std, seed: int = 0,
+                 erase: Mapping[str, np.ndarray] | None = None) -> None:
         self.ds, self.transform, self.mean, self.std, self.seed = ds, transform, mean, std, seed
         self.labels = ds.label_matrix()
+        self.erase = erase or {}
+        self.fill = np.round(np.asarray(mean) * 255).astype(np.uint8)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -68,8 +76,39 @@ class ClsDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        img, _ = self.transform(self.ds.read_image(i), None, rng)
+        erase = self.erase.get(self.ds[i].id)
+        img, mask = self.transform(self.ds.read_image(i), None if erase is None else erase.astype(np.uint8), rng)
+        if mask is not None:
+            img = img.copy()
+            img[mask == 1] = self.fill
         return to_tensor(img, self.mean, self.std), torch.from_numpy(self.labels[i])
+
+
+class TrainHooks:
+    """Extension points of :func:`train_classifier` used by the expansion methods (hide-and-seek, mixup):
+    ``batch`` may change a batch ``x (B, 3, S, S)``, ``y (B, K)`` before the forward pass, ``regulariser``
+    adds a loss term from the features ``(B, C, h, w)``. The base class changes nothing."""
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, y
+
+    def regulariser(self, model: Classifier, feats: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+def classification_loss(model: Classifier, x: torch.Tensor, y: torch.Tensor, hooks: TrainHooks | None = None) -> torch.Tensor:
+    """Multi-label soft-margin loss (both heads for ACoL) plus the hooks' regularisers."""
+    feats = model.forward_features(x)
+    if isinstance(model, ACoLClassifier):
+        logits_a, logits_b = model.forward_both_from_features(feats, y)
+        loss = F.multilabel_soft_margin_loss(logits_a, y) + F.multilabel_soft_margin_loss(logits_b, y)
+    else:
+        loss = F.multilabel_soft_margin_loss(model.forward_head(feats), y)
+    if hooks is not None:
+        extra = hooks.regulariser(model, feats, y)
+        if extra is not None:
+            loss = loss + extra
+    return loss
 
 
 def train_transform(cfg: TrainClsConfig) -> Compose:
@@ -91,9 +130,9 @@ def eval_transform(cfg: TrainClsConfig) -> Compose:
     return Compose([Resize(size=(cfg.crop_size, cfg.crop_size))])
 
 
-def build_classifier(cfg: TrainClsConfig, num_classes: int) -> Classifier:
+def build_classifier(cfg: TrainClsConfig, num_classes: int, head: Mapping[str, Any] | None = None) -> Classifier:
     backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, output_stride=cfg.output_stride)
-    model = Classifier(backbone, num_classes, dropout=cfg.dropout)
+    model = create_classifier(backbone, num_classes, dropout=cfg.dropout, **(head or {}))
     if cfg.freeze_stem:
         for m in backbone.stem_modules():
             for p in m.parameters():
@@ -172,7 +211,7 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tup
         raise WsssError("not a wsss classifier file (needs 'model' and 'meta')", path)
     meta = obj["meta"]
     backbone = create_backbone(meta["backbone"], pretrained=False, output_stride=meta["output_stride"])
-    model = Classifier(backbone, meta["num_classes"])
+    model = create_classifier(backbone, meta["num_classes"], **meta.get("head", {}))
     try:
         model.load_state_dict(obj["model"])
     except RuntimeError as e:
@@ -181,10 +220,15 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tup
 
 
 def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path, val_ds: Dataset | None = None,
-                     seed: int = 0, resume: bool = False) -> dict[str, Any]:
+                     seed: int = 0, resume: bool = False, *, init: str | Path | None = None,
+                     head: Mapping[str, Any] | None = None, hooks: TrainHooks | None = None,
+                     erase: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Train the classifier, checkpointing every epoch into ``out_dir``. Returns a summary dict.
 
     With ``resume=True`` an existing ``checkpoint.pt`` is continued from its last finished epoch.
+    Fine-tuning (the expansion methods): ``init`` starts from a saved ``classifier.pt`` (a new head's
+    weights stay freshly initialised), ``head`` picks the classifier head (see ``create_classifier``),
+    ``hooks`` change batches and add loss terms, ``erase`` blanks regions of training images.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +237,12 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
-    model = build_classifier(cfg, train_ds.num_classes)
+    model = build_classifier(cfg, train_ds.num_classes, head)
+    if init is not None:
+        start = load_checkpoint(init)
+        missing, unexpected = model.load_state_dict(start.get("model", {}), strict=False)
+        if unexpected or any(not k.startswith("classifier_b.") for k in missing):
+            raise WsssError(f"cannot start from {init}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
     nhwc = use_channels_last(cfg.channels_last, model)
     model = model.to(device, memory_format=_layout(nhwc))
     groups = model.param_groups(cfg.lr, cfg.head_lr_mult)
@@ -201,7 +250,7 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    data = ClsDataset(train_ds, train_transform(cfg), model.backbone.mean, model.backbone.std, seed)
+    data = ClsDataset(train_ds, train_transform(cfg), model.backbone.mean, model.backbone.std, seed, erase)
     steps = math.ceil(len(data) / cfg.batch_size)
     drop_last = len(data) > cfg.batch_size
     if drop_last:
@@ -221,7 +270,8 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
         start_epoch, it, history = ck["epoch"], ck["iteration"], list(ck["history"])
         log.info("train-cls: resumed from %s at epoch %d", ckpt_path, start_epoch)
     meta = {"backbone": cfg.backbone, "output_stride": model.backbone.output_stride, "num_classes": train_ds.num_classes,
-            "classes": list(train_ds.classes), "mean": list(model.backbone.mean), "std": list(model.backbone.std)}
+            "classes": list(train_ds.classes), "mean": list(model.backbone.mean), "std": list(model.backbone.std),
+            "head": model.head_config()}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         data.epoch = epoch
@@ -236,7 +286,9 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
                 g["lr"] = poly_lr(g["base_lr"], it, max_it, cfg.warmup_iters)
             x = x.to(device, non_blocking=True, memory_format=_layout(nhwc))
             y = y.to(device, non_blocking=True)
-            loss = F.multilabel_soft_margin_loss(model(x), y)
+            if hooks is not None:
+                x, y = hooks.batch(x, y, np.random.default_rng([seed, 7919, it]))
+            loss = classification_loss(model, x, y, hooks)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,0 +1,153 @@
+"""CAM expansion methods (a registry). Each one changes how the classifier is fine-tuned so that its
+maps cover whole objects, not only their most discriminative parts:
+
+* ``erasing``: adversarial erasing (AE-PSL, Wei et al. 2017) -- erase what the current maps highlight
+  in the training images, fine-tune on the erased images, extract new maps, merge; several rounds.
+* ``hide_and_seek``: hide random grid patches of the training images (Singh & Lee 2017).
+* ``acol``: a second head trained on features with the first head's region erased (Zhang et al. 2018).
+* ``mixup``: mixup of images and labels with uncertainty regularisers (Mixup-CAM, Chang et al. 2020).
+
+Methods combine: the batch changes and regularisers of every selected method apply in one fine-tune,
+ACoL sets the classifier head, and erasing wraps that fine-tune in rounds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsss.errors import ConfigError
+from wsss.models.classifier import Classifier
+from wsss.registry import Registry
+from wsss.stages.train_cls import TrainHooks
+
+
+class ExpandMethod(TrainHooks):
+    """Base: no batch change, no regulariser, plain head, no erasing rounds."""
+
+    head: str = "gap"
+    rounds: int = 0
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+
+EXPAND_METHODS: Registry[type[ExpandMethod]] = Registry("expansion method")
+
+
+@EXPAND_METHODS.register("plain")
+class PlainFinetune(ExpandMethod):
+    """The control: the same fine-tuning epochs with no expansion, to compare methods at equal cost."""
+
+
+def hide_patches(x: torch.Tensor, grid: int, prob: float, rng: np.random.Generator) -> torch.Tensor:
+    """A copy of ``x (B, C, H, W)`` with each cell of a ``grid`` x ``grid`` partition set to 0 (the mean,
+    after normalisation) with probability ``prob``, independently per image."""
+    b, _, h, w = x.shape
+    keep = torch.from_numpy(rng.random((b, 1, grid, grid)) >= prob).to(x.device, x.dtype)
+    # cell edges by integer division so that sizes not divisible by the grid are fully covered
+    rows = (torch.arange(h, device=x.device) * grid) // h
+    cols = (torch.arange(w, device=x.device) * grid) // w
+    return x * keep[:, :, rows][:, :, :, cols]
+
+
+@EXPAND_METHODS.register("hide_and_seek")
+class HideAndSeek(ExpandMethod):
+    """Random grid patches hidden in every training batch (``expand.hide_and_seek.grid``, ``.prob``)."""
+
+    def batch(self, x, y, rng):
+        return hide_patches(x, self.cfg.hide_and_seek.grid, self.cfg.hide_and_seek.prob, rng), y
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, alpha: float, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup: ``lam * x + (1 - lam) * x[perm]`` and the same mix of the labels ``y (B, K)``;
+    ``lam ~ Beta(alpha, alpha)``. Returns new tensors and ``lam``."""
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.from_numpy(rng.permutation(len(x))).to(x.device)
+    return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm], lam
+
+
+def pixel_entropy(maps: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of the per-pixel softmax over classes of ``maps (B, K, h, w)``."""
+    logp = F.log_softmax(maps, dim=1)
+    return -(logp.exp() * logp).sum(1).mean()
+
+
+def concentration(feats: torch.Tensor, maps: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean spread of the features around each present class's centre: for class ``k`` of an image
+    (``y > 0``), pixel weights ``a = relu(map_k) / sum`` give a centre ``c = sum a f`` and the loss is
+    ``sum a ||f - c||^2 / C``. Small when the pixels a class claims have similar features."""
+    b, c = feats.shape[:2]
+    a = F.relu(maps).flatten(2)  # (B, K, n)
+    a = a / a.sum(-1, keepdim=True).clamp_min(1e-6)
+    f = feats.flatten(2)  # (B, C, n)
+    centre = torch.einsum("bkn,bcn->bkc", a, f)
+    sq = (f * f).sum(1)  # (B, n)
+    spread = torch.einsum("bkn,bn->bk", a, sq) - (centre * centre).sum(-1)  # E||f||^2 - ||E f||^2
+    present = (y > 0).to(feats.dtype)
+    return (spread.clamp_min(0) * present).sum() / present.sum().clamp_min(1) / c
+
+
+@EXPAND_METHODS.register("mixup")
+class MixupCAM(ExpandMethod):
+    """Mixup of images and labels; entropy and concentration regularisers on the class maps
+    (``expand.mixup.alpha``, ``.entropy_weight``, ``.concentration_weight``)."""
+
+    def batch(self, x, y, rng):
+        x, y, _ = mix_batch(x, y, self.cfg.mixup.alpha, rng)
+        return x, y
+
+    def regulariser(self, model: Classifier, feats, y):
+        m = self.cfg.mixup
+        if not (m.entropy_weight or m.concentration_weight):
+            return None
+        maps = model.class_maps(feats)
+        loss = feats.new_zeros(())
+        if m.entropy_weight:
+            loss = loss + m.entropy_weight * pixel_entropy(maps)
+        if m.concentration_weight:
+            loss = loss + m.concentration_weight * concentration(feats, maps, y)
+        return loss
+
+
+@EXPAND_METHODS.register("acol")
+class ACoL(ExpandMethod):
+    """Two-head classifier with online complementary erasing (``expand.acol.threshold``)."""
+
+    head = "acol"
+
+
+@EXPAND_METHODS.register("erasing")
+class AdversarialErasing(ExpandMethod):
+    """Rounds of erase / fine-tune / re-extract / merge (``expand.erasing.*``); see the expand stage."""
+
+    @property
+    def rounds(self) -> int:  # type: ignore[override]
+        return self.cfg.erasing.rounds
+
+
+class Combined(TrainHooks):
+    """Several methods at once: batch changes in order, regularisers summed."""
+
+    def __init__(self, methods: list[ExpandMethod]) -> None:
+        self.methods = methods
+        heads = {m.head for m in methods} - {"gap"}
+        self.head = heads.pop() if heads else "gap"
+        self.rounds = max((m.rounds for m in methods), default=0)
+
+    def batch(self, x, y, rng):
+        for m in self.methods:
+            x, y = m.batch(x, y, rng)
+        return x, y
+
+    def regulariser(self, model, feats, y):
+        terms = [t for m in self.methods if (t := m.regulariser(model, feats, y)) is not None]
+        return sum(terms) if terms else None
+
+
+def create_expand_methods(names: list[str], cfg) -> Combined:
+    """The methods named in ``expand.methods`` combined."""
+    if len(set(names)) != len(names):
+        raise ConfigError(f"expand.methods lists a method twice: {names}")
+    return Combined([EXPAND_METHODS.get(n)(cfg) for n in names])
