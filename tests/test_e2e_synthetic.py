@@ -37,6 +37,23 @@ def test_cam_quality_bounds(demo_run):
     assert summary["fg_recall"] > 40.0
 
 
+def test_expand_stage_through_the_cli(demo_run, capsys):
+    """`wsss expand` on the finished run: stage-2 format, same classes, scored by `wsss eval cam`, resumable."""
+    from wsss.cli import main
+
+    args = ["configs/demo.yaml", f"run.out_dir={demo_run}", "data.synth.n_train=500", "data.synth.n_val=100",
+            "train_cls.epochs=16", "cam.scales=[1.0, 0.5, 1.5]", "expand.epochs=1"]
+    assert main(["expand", *args]) == 0
+    ds = load_voc(demo_run / "data" / "synth", "train")
+    for s in ds.samples[:20]:
+        c0, _ = load_cam(demo_run / "cam" / f"{s.id}.npz")
+        c1, m1 = load_cam(demo_run / "expand" / f"{s.id}.npz")
+        assert np.array_equal(c0, c1) and m1.shape[1:] == (128, 128)
+    assert main(["eval", "cam", *args, "--cams", str(demo_run / "expand")]) == 0
+    capsys.readouterr()
+    assert main(["expand", *args]) == 0 and "up to date" in capsys.readouterr().out
+
+
 def test_crf_pseudo_masks_beat_the_cams(demo_run):
     summary = json.loads((demo_run / "eval" / "summary.json").read_text())
     crf, cam = summary["crf"], summary["cam"]

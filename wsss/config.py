@@ -172,7 +172,7 @@ class ExpandConfig(Section):
     settings as `cam`)."""
 
     enabled: bool = Field(True, description="run this stage in `wsss run` (crf then reads the plain CAMs when off)")
-    methods: list[str] = Field(default_factory=lambda: ["erasing"], min_length=1, description="registered expansion "
+    methods: list[str] = Field(default_factory=lambda: ["hide_and_seek"], min_length=1, description="registered expansion "
                                "methods (see `wsss.expand.EXPAND_METHODS`); 'plain' = fine-tuning alone, the control")
     epochs: int = Field(3, ge=1, description="fine-tuning epochs (per round for erasing)")
     lr: float | None = Field(None, gt=0, description="fine-tuning learning rate; default train_cls.lr / 2")

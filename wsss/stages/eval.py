@@ -81,7 +81,8 @@ def run_eval_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> "
     started = time.time()
     run_dir = Path(run_dir)
     out = run_dir / "eval"
-    scored = {name: man for name in ("cam", "expand") if (man := read_manifest(run_dir / name)) is not None}
+    names = ("cam", "expand") if cfg.expand.enabled else ("cam",)
+    scored = {name: man for name in names if (man := read_manifest(run_dir / name)) is not None}
     mask_stages = {name: man for name in ("crf",) if (man := read_manifest(run_dir / name)) is not None}
     inputs = {name: man["key"] for name, man in {**scored, **mask_stages}.items()}
     section = config_to_dict(cfg.eval)
