@@ -79,7 +79,7 @@ def test_acol_erases_the_region_it_claims():
         assert mask.shape == (2, 1, *feats.shape[2:]) and 0 < mask.mean() < 1
         erased = feats * (1 - mask)
         assert (erased[mask.expand_as(feats) > 0] == 0).all()
-        _, logits_b = model.forward_both_from_features(feats, labels)
+        _, logits_b = model.training_logits(feats, labels)
         expect_b = model.classifier_b(torch.nn.functional.adaptive_avg_pool2d(erased, 1)).flatten(1)
         assert torch.allclose(logits_b, expect_b, atol=1e-6)
         maps = model.class_maps(feats, torch.tensor([0, 2]))

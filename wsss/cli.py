@@ -97,20 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score CAMs or pseudo-masks against ground truth")
     esub = ev.add_subparsers(dest="eval_command", metavar="WHAT")
-    ec = esub.add_parser("cam", help="mIoU of CAM .npz files with a background-threshold sweep")
-    ec.add_argument("config", type=Path, nargs="?", help="YAML config of the run (default: flags below)")
-    ec.add_argument("--cams", type=Path, help="folder of <id>.npz (default RUN/cam)")
-    ec.add_argument("--data", type=Path, help="dataset (VOC folder or CSV) with ground-truth masks (default: the run's)")
-    ec.add_argument("--split", help="split to score (default cam.split)")
-    ec.add_argument("--out", type=Path, help="report folder (default <cams>/eval)")
-    _overrides(ec)
-    em = esub.add_parser("masks", help="mIoU of pseudo-mask PNGs on the pixels they keep, kept share, confusion matrix")
-    em.add_argument("config", type=Path, nargs="?", help="YAML config of the run (default: flags below)")
-    em.add_argument("--masks", type=Path, help="folder of <id>.png (default RUN/crf)")
-    em.add_argument("--data", type=Path, help="dataset (VOC folder or CSV) with ground-truth masks (default: the run's)")
-    em.add_argument("--split", help="split to score (default cam.split)")
-    em.add_argument("--out", type=Path, help="report folder (default <masks>/eval)")
-    _overrides(em)
+    for what, flag, files, default, text in [
+            ("cam", "--cams", "<id>.npz", "cam", "mIoU of CAM .npz files with a background-threshold sweep"),
+            ("masks", "--masks", "<id>.png", "crf", "mIoU of pseudo-mask PNGs on the pixels they keep, kept share, confusion matrix")]:
+        e = esub.add_parser(what, help=text)
+        e.add_argument("config", type=Path, nargs="?", help="YAML config of the run (default: flags below)")
+        e.add_argument(flag, type=Path, help=f"folder of {files} (default RUN/{default})")
+        e.add_argument("--data", type=Path, help="dataset (VOC folder or CSV) with ground-truth masks (default: the run's)")
+        e.add_argument("--split", help="split to score (default cam.split)")
+        e.add_argument("--out", type=Path, help=f"report folder (default <{flag[2:]}>/eval)")
+        _overrides(e)
 
     for name, (text, issue) in PLANNED.items():
         p = sub.add_parser(name, help=f"{text} (not built yet)", add_help=False)

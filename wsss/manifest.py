@@ -97,10 +97,11 @@ def finished_outcome(folder: str | Path, stage: str, config_hash: str, inputs: M
     return StageOutcome(old, skipped=True)
 
 
-def prepare_output_folder(out: str | Path, key: str, clear: bool, pattern: str) -> None:
+def prepare_output_folder(out: str | Path, key: str, clear: bool, *patterns: str) -> None:
     """Make ``out`` hold only outputs of ``key`` (so a re-run resumes only its own work): remove temp
-    files left by a killed run; clear the files matching ``pattern``, the manifest and ``eval/`` when
-    ``clear`` is set or when the ``.key`` marker (written before any output) names another key."""
+    files left by a killed run; clear what matches ``patterns`` (files or folders), the manifest and
+    ``eval/`` when ``clear`` is set or when the ``.key`` marker (written before any output) names
+    another key."""
     import shutil
 
     from wsss.io import write_text
@@ -112,8 +113,8 @@ def prepare_output_folder(out: str | Path, key: str, clear: bool, pattern: str) 
     marker = out / ".key"
     stale = clear or (marker.is_file() and marker.read_text().strip() != key)
     if stale:
-        for f in out.glob(pattern):
-            f.unlink()
+        for f in (f for pattern in patterns for f in out.glob(pattern)):
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
         (out / "manifest.json").unlink(missing_ok=True)
         shutil.rmtree(out / "eval", ignore_errors=True)
     write_text(marker, key + "\n")

@@ -47,6 +47,10 @@ class Classifier(nn.Module):
         w = self.classifier.weight if classes is None else self.classifier.weight[classes]
         return F.conv2d(feats, w)
 
+    def training_logits(self, feats: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        """The logits ``(B, K)`` each trained against ``labels (B, K)``: one head here."""
+        return [self.forward_head(feats)]
+
     def head_config(self) -> dict:
         """What :func:`create_classifier` needs besides the backbone to rebuild this head."""
         return {"head": "gap"}
@@ -84,13 +88,13 @@ class ACoLClassifier(Classifier):
             cam = cam * (labels[:, :, None, None] > 0)
             return (cam.amax(1, keepdim=True) > self.threshold).to(feats.dtype)
 
-    def forward_both_from_features(self, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training: logits ``(B, K)`` of head A, and of head B on the features ``(B, C, h, w)`` with
-        head A's discriminative region (for the ``labels (B, K)``) erased."""
+    def training_logits(self, feats: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        """Logits ``(B, K)`` of head A, and of head B on the features ``(B, C, h, w)`` with head A's
+        discriminative region (for the ``labels (B, K)``) erased."""
         logits_a = self.forward_head(feats)
         erased = feats * (1 - self.erase_mask(feats, labels))
         pooled = F.adaptive_avg_pool2d(self.dropout(erased), 1)
-        return logits_a, self.classifier_b(pooled).flatten(1)
+        return [logits_a, self.classifier_b(pooled).flatten(1)]
 
     def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
         groups = super().param_groups(lr, head_lr_mult)

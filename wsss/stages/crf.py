@@ -20,7 +20,7 @@ import itertools
 import logging
 import os
 import time
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -92,16 +92,14 @@ def run_crf(jobs: Sequence[Job], cfg: CrfConfig, num_classes: int, workers: int 
         with ProcessPoolExecutor(n, mp_context=get_context("spawn"), initializer=_init_worker,
                                  initargs=(config_to_dict(cfg), num_classes)) as pool:
             futures = [pool.submit(_worker, job) for job in jobs]
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for f in done:
-                    if f.exception() is not None:
-                        for p in pending:
-                            p.cancel()
-                        raise f.exception()
+            try:
+                for f in as_completed(futures):
                     out.append(f.result())
                     bar.update(1)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
         return out
     finally:
         bar.close()

@@ -76,6 +76,7 @@ def run_eval_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> "
 
     from wsss.config import config_hash, config_to_dict
     from wsss.manifest import StageOutcome, finished_outcome, read_manifest, write_manifest
+    from wsss.stages.crf import evaluate_masks, write_mask_report
     from wsss.stages.data import open_split
 
     started = time.time()
@@ -103,8 +104,6 @@ def run_eval_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> "
         log.info("eval %s: mIoU %.1f at threshold %.2f (fg precision %.1f, recall %.1f) on %d %s images", name,
                  r["mIoU"], r["best_threshold"], r["fg_precision"], r["fg_recall"], len(ds), split)
     for name in mask_stages:
-        from wsss.stages.crf import evaluate_masks, write_mask_report
-
         res = evaluate_masks(run_dir / name, ds)
         write_mask_report(res, ds.classes, run_dir / name / "eval")
         results[name] = {k: v for k, v in res.items() if k != "confusion"}

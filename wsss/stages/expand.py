@@ -37,7 +37,7 @@ from wsss.expand.methods import Combined, create_expand_methods
 from wsss.log import progress
 from wsss.manifest import StageOutcome, finished_outcome, prepare_output_folder, read_manifest, stage_key, write_manifest
 from wsss.stages.cam import run_cam_extraction
-from wsss.stages.train_cls import ClsDataset, eval_transform, load_classifier, resolve_device, train_classifier, use_channels_last
+from wsss.stages.train_cls import load_classifier, predict_scores, resolve_device, train_classifier
 
 if TYPE_CHECKING:
     from wsss.config import Config
@@ -53,16 +53,6 @@ def erase_masks(cam_dir: Path, ds: Dataset, threshold: float) -> dict[str, np.nd
         if len(cam):
             out[s.id] = cam.max(0) > threshold
     return out
-
-
-@torch.no_grad()
-def erased_scores(model, ds: Dataset, cfg: TrainClsConfig, erase: Mapping[str, np.ndarray], device) -> np.ndarray:
-    """Sigmoid scores ``(N, K)`` of the images of ``ds`` with ``erase`` applied, at the training size."""
-    model.eval()
-    data = ClsDataset(ds, eval_transform(cfg), model.backbone.mean, model.backbone.std, erase=erase)
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers)
-    layout = torch.channels_last if use_channels_last(cfg.channels_last, model) else torch.contiguous_format
-    return torch.cat([torch.sigmoid(model(x.to(device, memory_format=layout))).float().cpu() for x, _ in loader]).numpy()
 
 
 def merge_maps(base_dir: Path, new_dir: Path, out_dir: Path, ds: Dataset, allow: Mapping[str, np.ndarray] | None = None) -> int:
@@ -115,7 +105,7 @@ def run_expand(cfg: "Config", train: Dataset, val: Dataset | None, classifier: P
         row = {"round": r, "finetune_s": round(t_train, 1), "extract_s": round(t_cam, 1),
                "val_mAP": summary["final"].get("val_mAP")}
         if methods.rounds:
-            scores = erased_scores(model, train, tcfg, erase, device)
+            scores = predict_scores(model, train, tcfg, device, erase)
             allow = {s.id: scores[i, [c - 1 for c in s.labels]] >= e.erasing.stop_score for i, s in enumerate(train)}
             n_ok = sum(int(a.sum()) for a in allow.values())
             n_all = sum(len(a) for a in allow.values())
@@ -160,13 +150,7 @@ def run_expand_stage(cfg: "Config", run_dir: str | Path, force: bool = False) ->
     done = finished_outcome(out, "expand", chash, inputs, force)
     if done is not None:
         return done
-    key = stage_key("expand", chash, inputs)
-    marker = out / ".key"
-    if force or (marker.is_file() and marker.read_text().strip() != key):
-        for d in out.glob("round_*"):
-            shutil.rmtree(d)
-        shutil.rmtree(out / "with_seed", ignore_errors=True)
-    prepare_output_folder(out, key, force, "*.npz")
+    prepare_output_folder(out, stage_key("expand", chash, inputs), force, "*.npz", "round_*", "with_seed")
     save_config(cfg.expand, out / "config.yaml")
     train = open_split(run_dir, cfg.cam.split)
     val = open_split(run_dir, cfg.data.val_split) if cfg.data.val_split else None

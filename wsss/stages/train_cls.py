@@ -36,7 +36,7 @@ from wsss.io import atomic_path, write_text
 from wsss.log import progress
 from wsss.metrics import average_precision, f1_scores
 from wsss.models.backbones import create_backbone
-from wsss.models.classifier import ACoLClassifier, Classifier, create_classifier
+from wsss.models.classifier import Classifier, create_classifier
 
 if TYPE_CHECKING:
     from wsss.config import Config
@@ -99,11 +99,7 @@ class TrainHooks:
 def classification_loss(model: Classifier, x: torch.Tensor, y: torch.Tensor, hooks: TrainHooks | None = None) -> torch.Tensor:
     """Multi-label soft-margin loss (both heads for ACoL) plus the hooks' regularisers."""
     feats = model.forward_features(x)
-    if isinstance(model, ACoLClassifier):
-        logits_a, logits_b = model.forward_both_from_features(feats, y)
-        loss = F.multilabel_soft_margin_loss(logits_a, y) + F.multilabel_soft_margin_loss(logits_b, y)
-    else:
-        loss = F.multilabel_soft_margin_loss(model.forward_head(feats), y)
+    loss = sum(F.multilabel_soft_margin_loss(logits, y) for logits in model.training_logits(feats, y))
     if hooks is not None:
         extra = hooks.regulariser(model, feats, y)
         if extra is not None:
@@ -169,10 +165,12 @@ def poly_lr(base: float, it: int, max_it: int, warmup: int = 0, power: float = 0
 
 
 @torch.no_grad()
-def predict_scores(model: Classifier, ds: Dataset, cfg: TrainClsConfig, device: torch.device) -> np.ndarray:
-    """Sigmoid scores ``(N, K)`` of ``ds`` at the training resolution."""
+def predict_scores(model: Classifier, ds: Dataset, cfg: TrainClsConfig, device: torch.device,
+                   erase: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+    """Sigmoid scores ``(N, K)`` of ``ds`` at the training resolution (with ``erase`` applied, as in
+    :class:`ClsDataset`)."""
     model.eval()
-    data = ClsDataset(ds, eval_transform(cfg), model.backbone.mean, model.backbone.std)
+    data = ClsDataset(ds, eval_transform(cfg), model.backbone.mean, model.backbone.std, erase=erase)
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers)
     layout = _layout(use_channels_last(cfg.channels_last, model))
     out = [torch.sigmoid(model(x.to(device, memory_format=layout))).float().cpu() for x, _ in loader]
