@@ -1,4 +1,4 @@
-"""The standard flow: data -> train-cls -> cam -> expand -> crf -> train-seg -> eval.
+"""The standard flow: data -> train-cls -> cam -> expand -> crf -> train-seg -> predict -> eval.
 
 Each stage writes its folder of the run directory; a stage whose manifest key matches is skipped.
 Stages this version does not provide yet are reported as such and the run stops cleanly before them.
@@ -18,13 +18,15 @@ from wsss.stages.cam import run_cam_stage
 from wsss.stages.crf import run_crf_stage
 from wsss.stages.data import run_data_stage
 from wsss.stages.expand import run_expand_stage
+from wsss.stages.predict import run_predict_stage
 from wsss.stages.eval import run_eval_stage
 from wsss.stages.train_cls import run_train_cls_stage
+from wsss.stages.train_seg import run_train_seg_stage
 
 log = logging.getLogger(__name__)
 
 #: Pipeline order.
-STAGE_ORDER: tuple[str, ...] = ("data", "train-cls", "cam", "expand", "crf", "train-seg", "eval")
+STAGE_ORDER: tuple[str, ...] = ("data", "train-cls", "cam", "expand", "crf", "train-seg", "predict", "eval")
 
 
 @dataclass
@@ -49,7 +51,8 @@ def _stages() -> dict[str, Callable[[Config, Path, bool], StageOutcome | None] |
         "cam": lambda cfg, run_dir, force: run_cam_stage(cfg, run_dir, force=force),
         "expand": _expand,
         "crf": lambda cfg, run_dir, force: run_crf_stage(cfg, run_dir, force=force),
-        "train-seg": None,
+        "train-seg": lambda cfg, run_dir, force: run_train_seg_stage(cfg, run_dir, force=force),
+        "predict": lambda cfg, run_dir, force: run_predict_stage(cfg, run_dir, force=force),
         "eval": lambda cfg, run_dir, force: run_eval_stage(cfg, run_dir, force=force),
     }
 

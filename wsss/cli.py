@@ -15,8 +15,6 @@ from wsss.errors import NotBuiltError, WsssError
 log = logging.getLogger("wsss")
 
 PLANNED = {
-    "train-seg": ("train a DeepLab segmenter on the pseudo-masks", 6),
-    "predict": ("predict masks for new images", 6),
     "inspect": ("write an HTML gallery of a run's maps and masks", 7),
 }
 
@@ -95,16 +93,36 @@ def build_parser() -> argparse.ArgumentParser:
                      "labelled images and write the best setting as a config snippet (reads ground truth)")
     _overrides(crf)
 
-    ev = sub.add_parser("eval", help="score CAMs or pseudo-masks against ground truth")
+    ts = sub.add_parser("train-seg", help="train a DeepLab segmenter on the pseudo-masks (or the ground truth: --masks gt)")
+    ts.add_argument("config", type=Path, help="YAML config (sections run, data, train_seg)")
+    ts.add_argument("--masks", choices=["pseudo", "gt"], help="train_seg.masks: pseudo-masks (default) or ground truth, "
+                    "the fully-supervised reference (written to RUN/seg_gt)")
+    ts.add_argument("--force", action="store_true", help="retrain from scratch even if up to date")
+    ts.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an interrupted run's checkpoint")
+    _overrides(ts)
+
+    pr = sub.add_parser("predict", help="segment a dataset split, images or folders with a trained segmenter")
+    pr.add_argument("config", type=Path, nargs="?", help="YAML config of the run (optional with --model and --input)")
+    pr.add_argument("--model", type=Path, help="segmenter.pt (default RUN/seg/segmenter.pt, RUN/seg_gt with --masks gt)")
+    pr.add_argument("--input", type=Path, nargs="+", help="image files or folders (instead of predict.split)")
+    pr.add_argument("--out", type=Path, help="output folder (default RUN/predict/<split>, or RUN/predict/input)")
+    pr.add_argument("--split", help="dataset split (predict.split)")
+    pr.add_argument("--masks", choices=["pseudo", "gt"], help="which of the run's segmenters (train_seg.masks)")
+    pr.add_argument("--crf", action="store_true", help="refine with the dense CRF (predict.crf=true)")
+    pr.add_argument("--force", action="store_true", help="recompute every prediction")
+    _overrides(pr)
+
+    ev = sub.add_parser("eval", help="score CAMs, pseudo-masks or segmenter predictions against ground truth")
     esub = ev.add_subparsers(dest="eval_command", metavar="WHAT")
     for what, flag, files, default, text in [
             ("cam", "--cams", "<id>.npz", "cam", "mIoU of CAM .npz files with a background-threshold sweep"),
-            ("masks", "--masks", "<id>.png", "crf", "mIoU of pseudo-mask PNGs on the pixels they keep, kept share, confusion matrix")]:
+            ("masks", "--masks", "<id>.png", "crf", "mIoU of pseudo-mask PNGs on the pixels they keep, kept share, confusion matrix"),
+            ("seg", "--pred", "<id>.png", "predict/<split>", "mIoU of segmenter predictions (from `wsss predict`), confusion matrix")]:
         e = esub.add_parser(what, help=text)
         e.add_argument("config", type=Path, nargs="?", help="YAML config of the run (default: flags below)")
         e.add_argument(flag, type=Path, help=f"folder of {files} (default RUN/{default})")
         e.add_argument("--data", type=Path, help="dataset (VOC folder or CSV) with ground-truth masks (default: the run's)")
-        e.add_argument("--split", help="split to score (default cam.split)")
+        e.add_argument("--split", help="split to score (default predict.split for seg, else cam.split)")
         e.add_argument("--out", type=Path, help=f"report folder (default <{flag[2:]}>/eval)")
         _overrides(e)
 
@@ -187,7 +205,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from wsss.io import read_json
 
         for name, r in read_json(summary).items():
-            if "kept_share" in r:
+            if name == "seg":
+                print(f"  segmenter on {r['split']}: mIoU {r['mIoU']:.1f}")
+            elif "kept_share" in r:
                 print(f"  {name} pseudo-masks: mIoU {r['mIoU']:.1f} on kept pixels, {r['kept_share']:.1f}% kept")
             else:
                 print(f"  {name} mIoU {r['mIoU']:.1f} at threshold {r['best_threshold']:.2f} "
@@ -241,7 +261,8 @@ def _eval_setup(args: argparse.Namespace, folder: Path | None, default: str):
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg.run.out_dir)
     folder = Path(folder or run_dir / default)
-    split = args.split or cfg.cam.split
+    split = args.split or (cfg.predict.split if default.startswith("predict") else cfg.cam.split)
+    folder = Path(str(folder).replace("<split>", split))
     ds = load_dataset(args.data or dataset_root(cfg.data, run_dir), split, cfg.data.classes)
     return cfg, folder, split, ds, args.out or folder / "eval"
 
@@ -297,12 +318,77 @@ def _cmd_crf(args: argparse.Namespace) -> int:
 def _cmd_eval_masks(args: argparse.Namespace) -> int:
     from wsss.stages.crf import evaluate_masks, write_mask_report
 
-    _, masks, split, ds, out = _eval_setup(args, args.masks, "crf")
+    seg = args.eval_command == "seg"
+    _, masks, split, ds, out = _eval_setup(args, args.pred if seg else args.masks, "predict/<split>" if seg else "crf")
     res = evaluate_masks(masks, ds)
     write_mask_report(res, ds.classes, out)
     for name, v in res["per_class_iou"].items():
         print(f"  {name:<14} {'-' if v is None else f'{v:5.1f}'}")
-    print(f"eval masks: mIoU {res['mIoU']:.1f} on kept pixels, {res['kept_share']:.1f}% kept, {res['images']} {split} images -> {out}")
+    kept = "" if seg else f" on kept pixels, {res['kept_share']:.1f}% kept,"
+    print(f"eval {args.eval_command}: mIoU {res['mIoU']:.1f}{kept} {res['images']} {split} images -> {out}")
+    return 0
+
+
+def _cmd_train_seg(args: argparse.Namespace) -> int:
+    from wsss.stages.train_seg import run_train_seg_stage, seg_folder
+
+    if args.masks:
+        args.overrides = [*args.overrides, f"train_seg.masks={args.masks}"]
+    cfg, run_dir = _stage_setup(args)
+    outcome = run_train_seg_stage(cfg, run_dir, force=args.force, resume=args.resume)
+    final = outcome.manifest["outputs"].get("final", {})
+    state = "up to date" if outcome.skipped else "trained"
+    extras = ", ".join(f"{k} {v}" for k, v in final.items() if k in ("loss", "val_mIoU"))
+    print(f"train-seg: {state} on {cfg.train_seg.masks} masks; {extras} -> {run_dir / seg_folder(cfg.train_seg) / 'segmenter.pt'}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from wsss.config import load_config
+    from wsss.errors import ConfigError
+
+    extra = list(args.overrides)
+    if args.masks:
+        extra.append(f"train_seg.masks={args.masks}")
+    if args.split:
+        extra.append(f"predict.split={args.split}")
+    if args.crf:
+        extra.append("predict.crf=true")
+    if args.input is None:
+        if args.config is None:
+            raise ConfigError("give a CONFIG (to predict its predict.split), or --model and --input")
+        from wsss.stages.predict import run_predict_stage
+
+        args.overrides = extra
+        cfg, run_dir = _stage_setup(args)
+        if args.model is None and args.out is None:
+            o = run_predict_stage(cfg, run_dir, force=args.force).manifest["outputs"]
+            out = run_dir / "predict" / cfg.predict.split
+            print(f"predict: {o['images']} {cfg.predict.split} images ({o['computed']} computed) -> {out}")
+            return 0
+        from wsss.stages.data import open_split
+
+        ds = open_split(run_dir, cfg.predict.split)
+        items = [(s.id, s.image) for s in ds]
+        default_out = run_dir / "predict" / cfg.predict.split
+    else:
+        from wsss.stages.predict import input_items
+
+        cfg = load_config(args.config, extra)
+        items = input_items(args.input)
+        default_out = Path(cfg.run.out_dir) / "predict" / "input"
+    from wsss.stages.predict import predict_items, segmenter_path
+    from wsss.stages.train_seg import load_segmenter
+
+    model_path = args.model or segmenter_path(cfg, Path(cfg.run.out_dir))
+    model, meta = load_segmenter(model_path)
+    out = args.out or default_out
+    if args.force and out.is_dir():
+        for f in out.glob("*.png"):
+            f.unlink()
+    o = predict_items(model, items, out, cfg.predict, cfg.predict.resize_long or meta.get("resize_long"),
+                      cfg.crf if cfg.predict.crf else None, skip_done=True)
+    print(f"predict: {o['images']} images ({o['computed']} computed) with {model_path} -> {out}")
     return 0
 
 
@@ -339,10 +425,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_expand(args)
         elif args.command == "crf":
             return _cmd_crf(args)
+        elif args.command == "train-seg":
+            return _cmd_train_seg(args)
+        elif args.command == "predict":
+            return _cmd_predict(args)
         elif args.command == "eval":
             if args.eval_command == "cam":
                 return _cmd_eval_cam(args)
-            if args.eval_command == "masks":
+            if args.eval_command in ("masks", "seg"):
                 return _cmd_eval_masks(args)
             parser.parse_args(["eval", "--help"])
         parser.print_help()

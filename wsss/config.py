@@ -55,6 +55,12 @@ class SynthConfig(Section):
         return v
 
 
+def _check_scales(v: list[float]) -> list[float]:
+    if any(s <= 0 or s > 8 for s in v):
+        raise ValueError(f"scales must be in (0, 8], got {v}")
+    return v
+
+
 def _check_class_names(names: Sequence[str]) -> None:
     seen = set()
     for n in names:
@@ -84,8 +90,8 @@ class DataConfig(Section):
         return self
 
 
-class TrainClsConfig(Section):
-    """Stage 1: the multi-label classifier trained from image-level labels."""
+class TrainCommon(Section):
+    """Settings shared by the two training stages (classifier and segmenter)."""
 
     backbone: str = Field("tiny", description="registered backbone name (see `wsss.models.BACKBONES`)")
     pretrained: bool | str = Field(False, description="ImageNet weights: true (packaged/cached), false, or a .pth path")
@@ -94,7 +100,7 @@ class TrainClsConfig(Section):
     batch_size: int = Field(16, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.01, gt=0, description="backbone learning rate (poly decay, power 0.9)")
-    head_lr_mult: float = Field(10.0, gt=0, description="learning-rate multiplier of the new classifier head")
+    head_lr_mult: float = Field(10.0, gt=0, description="learning-rate multiplier of the new head")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_iters: int = Field(0, ge=0, description="linear warm-up iterations before poly decay")
@@ -103,9 +109,8 @@ class TrainClsConfig(Section):
     scale_range: tuple[float, float] = Field((0.7, 1.3), description="random rescale range")
     hflip: bool = True
     color_jitter: float = Field(0.3, ge=0, le=1)
-    freeze_bn: bool = Field(False, description="keep BatchNorm statistics and affine parameters fixed")
+    freeze_bn: bool = Field(False, description="keep the backbone's BatchNorm statistics and affine parameters fixed")
     freeze_stem: bool = Field(False, description="do not train the backbone's stem")
-    dropout: float = Field(0.0, ge=0, lt=1)
     workers: int = Field(0, ge=0, description="data-loading worker processes (0 = in the main process)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
@@ -117,6 +122,66 @@ class TrainClsConfig(Section):
         if not 0 < v[0] <= v[1]:
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {list(v)}")
         return v
+
+
+class TrainClsConfig(TrainCommon):
+    """Stage 1: the multi-label classifier trained from image-level labels."""
+
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainSegConfig(TrainCommon):
+    """Stage 5: a DeepLab segmenter trained on the pseudo-masks (or, as the fully-supervised reference,
+    on the ground-truth masks). ``backbone``/``output_stride`` apply to the deeplabv2/v3 segmenters; the
+    torchvision ones fix their own."""
+
+    arch: str = Field("deeplabv3", description="registered segmenter (see `wsss.models.segmenter.SEGMENTERS`)")
+    masks: Literal["pseudo", "gt"] = Field("pseudo", description="pseudo: the crf stage's masks (or mask_dir); "
+                                           "gt: the ground truth (the fully-supervised upper bound)")
+    mask_dir: Path | None = Field(None, description="pseudo-mask folder to train on (default RUN/crf)")
+    channels: int | None = Field(None, ge=8, description="ASPP/head channels (default: 256 for v3, 1024 for v2 LargeFOV)")
+    rates: list[int] | None = Field(None, description="atrous rates (default: the paper's, rescaled to output_stride)")
+    head_dropout: float | None = Field(None, ge=0, lt=1, description="dropout in the head (default: the paper's)")
+    batch_size: int = Field(8, ge=1)
+    crop_size: int = Field(256, ge=16, description="training crop side (pixels)")
+    scale_range: tuple[float, float] = Field((0.5, 1.5), description="random rescale range")
+    color_jitter: float = Field(0.0, ge=0, le=1)
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision on CUDA (ignored on CPU)")
+    eval_every: int = Field(1, ge=0, description="score the val split every N epochs when it has masks (0 = never)")
+
+    @field_validator("rates")
+    @classmethod
+    def _rates(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(r < 1 for r in v)):
+            raise ValueError(f"rates must be positive integers, got {v}")
+        return v
+
+    def head_options(self) -> dict:
+        """Keyword arguments for the head (only those set)."""
+        out: dict = {}
+        if self.channels is not None:
+            out["channels"] = self.channels
+        if self.rates is not None:
+            out["rates"] = list(self.rates)
+        if self.head_dropout is not None:
+            out["dropout"] = self.head_dropout
+        return out
+
+
+class PredictConfig(Section):
+    """`wsss predict`: the segmenter on a split, an image or a folder."""
+
+    split: str = Field("val", description="dataset split predicted by `wsss run` and `wsss predict CONFIG`")
+    scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1, description="inference scales (averaged)")
+    flip: bool = Field(True, description="also average the mirrored image")
+    resize_long: int | None = Field(None, ge=16, description="long side the network sees at scale 1 (default: train_seg.resize_long)")
+    crf: bool = Field(False, description="refine predictions with the dense CRF (the crf section's kernels)")
+    overlay: bool = Field(True, description="also write overlays (photo blended with the mask colours) as JPEG")
+    batch_size: int = Field(4, ge=1, description="same-size images per forward pass")
+    device: str = "auto"
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision on CUDA (ignored on CPU)")
+
+    _scales = field_validator("scales")(classmethod(lambda cls, v: _check_scales(v)))
 
 
 class CamConfig(Section):
@@ -135,12 +200,7 @@ class CamConfig(Section):
     device: str = "auto"
     channels_last: bool | None = Field(None, description="NHWC memory layout; default: the backbone's preference")
 
-    @field_validator("scales")
-    @classmethod
-    def _scales(cls, v: list[float]) -> list[float]:
-        if any(s <= 0 or s > 8 for s in v):
-            raise ValueError(f"scales must be in (0, 8], got {v}")
-        return v
+    _scales = field_validator("scales")(classmethod(lambda cls, v: _check_scales(v)))
 
 
 class ErasingConfig(Section):
@@ -255,6 +315,8 @@ class Config(Section):
     cam: CamConfig = Field(default_factory=CamConfig)
     expand: ExpandConfig = Field(default_factory=ExpandConfig)
     crf: CrfConfig = Field(default_factory=CrfConfig)
+    train_seg: TrainSegConfig = Field(default_factory=TrainSegConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
 

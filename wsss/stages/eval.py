@@ -85,7 +85,11 @@ def run_eval_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> "
     names = ("cam", "expand") if cfg.expand.enabled else ("cam",)
     scored = {name: man for name in names if (man := read_manifest(run_dir / name)) is not None}
     mask_stages = {name: man for name in ("crf",) if (man := read_manifest(run_dir / name)) is not None}
+    pred_dir = run_dir / "predict" / cfg.predict.split
+    pred_man = read_manifest(pred_dir)
     inputs = {name: man["key"] for name, man in {**scored, **mask_stages}.items()}
+    if pred_man is not None:
+        inputs["predict"] = pred_man["key"]
     section = config_to_dict(cfg.eval)
     chash = config_hash(section)
     done = finished_outcome(out, "eval", chash, inputs, force)
@@ -108,6 +112,15 @@ def run_eval_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> "
         write_mask_report(res, ds.classes, run_dir / name / "eval")
         results[name] = {k: v for k, v in res.items() if k != "confusion"}
         log.info("eval %s: mIoU %.1f on kept pixels, %.1f%% kept, on %d %s images", name, res["mIoU"], res["kept_share"], len(ds), split)
+    if pred_man is not None:
+        pds = open_split(run_dir, cfg.predict.split)
+        if pds.has_masks:
+            res = evaluate_masks(pred_dir, pds)
+            write_mask_report(res, pds.classes, pred_dir / "eval")
+            results["seg"] = {k: v for k, v in res.items() if k not in ("confusion", "kept_share")} | {"split": cfg.predict.split}
+            log.info("eval seg: mIoU %.1f on %d %s images", res["mIoU"], len(pds), cfg.predict.split)
+        else:
+            log.warning("eval: split '%s' has no ground-truth masks; segmenter predictions not scored", cfg.predict.split)
     write_json(out / "summary.json", results)
     brief = {name: {k: r[k] for k in ("mIoU", "best_threshold", "kept_share") if k in r} for name, r in results.items()}
     man = write_manifest(out, "eval", section, chash, inputs, brief, started)

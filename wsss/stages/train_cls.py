@@ -15,8 +15,6 @@ continues exactly as if it had never stopped, whatever the number of loader work
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import time
@@ -32,8 +30,10 @@ from wsss.config import TrainClsConfig, config_to_dict, save_config
 from wsss.data.dataset import Dataset
 from wsss.data.transforms import ColorJitter, Compose, HFlip, RandomCrop, RandomScale, Resize, to_tensor
 from wsss.errors import WsssError, brief
-from wsss.io import atomic_path, write_text
 from wsss.log import progress
+from wsss.training import (check_resumable, freeze_parameters, load_checkpoint, make_optimizer,
+                           memory_layout as _layout, poly_lr, resolve_device, save_checkpoint as _save_checkpoint,
+                           set_train_mode, write_log_csv as _write_log)
 from wsss.metrics import average_precision, f1_scores
 from wsss.models.backbones import create_backbone
 from wsss.models.classifier import Classifier, create_classifier
@@ -43,16 +43,6 @@ if TYPE_CHECKING:
     from wsss.manifest import StageOutcome
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise the named device (checked)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WsssError(f"device '{name}' requested but CUDA is not available")
-    return dev
 
 
 class ClsDataset(torch.utils.data.Dataset):
@@ -130,38 +120,13 @@ def build_classifier(cfg: TrainClsConfig, num_classes: int, head: Mapping[str, A
     backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, output_stride=cfg.output_stride)
     model = create_classifier(backbone, num_classes, dropout=cfg.dropout, **(head or {}))
     if cfg.freeze_stem:
-        for m in backbone.stem_modules():
-            for p in m.parameters():
-                p.requires_grad_(False)
+        freeze_parameters(backbone.stem_modules())
     return model
-
-
-def _set_train_mode(model: Classifier, cfg: TrainClsConfig) -> None:
-    model.train()
-    if cfg.freeze_bn:
-        for m in model.backbone.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-                for p in m.parameters():
-                    p.requires_grad_(False)
-    if cfg.freeze_stem:
-        for m in model.backbone.stem_modules():
-            m.eval()
 
 
 def use_channels_last(setting: bool | None, model: Classifier) -> bool:
     """The configured layout, or the backbone's preference when unset."""
     return model.backbone.prefers_channels_last if setting is None else setting
-
-
-def _layout(channels_last: bool) -> torch.memory_format:
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def poly_lr(base: float, it: int, max_it: int, warmup: int = 0, power: float = 0.9) -> float:
-    if it < warmup:
-        return base * (it + 1) / warmup
-    return base * (1 - min(it, max_it - 1) / max_it) ** power
 
 
 @torch.no_grad()
@@ -184,22 +149,6 @@ def evaluate_classifier(model: Classifier, ds: Dataset, cfg: TrainClsConfig, dev
     ap = average_precision(scores, targets)
     f1_macro, f1_micro = f1_scores(scores, targets)
     return {"mAP": float(np.nanmean(ap)), "f1_macro": f1_macro, "f1_micro": f1_micro}
-
-
-def _save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by this module (``weights_only=True``: no code is executed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WsssError("checkpoint not found", path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WsssError(f"cannot load checkpoint ({type(e).__name__}: {brief(e, 120)})", path) from None
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict[str, Any]]:
@@ -244,10 +193,7 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
     nhwc = use_channels_last(cfg.channels_last, model)
     model = model.to(device, memory_format=_layout(nhwc))
     groups = model.param_groups(cfg.lr, cfg.head_lr_mult)
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(groups, cfg)
     data = ClsDataset(train_ds, train_transform(cfg), model.backbone.mean, model.backbone.std, seed, erase)
     steps = math.ceil(len(data) / cfg.batch_size)
     drop_last = len(data) > cfg.batch_size
@@ -258,11 +204,7 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
     ckpt_path = out_dir / "checkpoint.pt"
     if resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
-        free = {"epochs", "device", "workers", "threads"}
-        changed = sorted(k for k, v in config_to_dict(cfg).items() if k not in free and ck.get("config", {}).get(k) != v)
-        if changed:
-            raise WsssError(f"cannot resume: train_cls.{', train_cls.'.join(changed)} differ from the checkpoint's "
-                            f"(use --no-resume or --force to start over)", ckpt_path)
+        check_resumable(ck, config_to_dict(cfg), "train_cls", {"epochs", "device", "workers", "threads"}, ckpt_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch, it, history = ck["epoch"], ck["iteration"], list(ck["history"])
@@ -276,7 +218,7 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
         gen = torch.Generator().manual_seed(seed * 100003 + epoch)
         loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                                              drop_last=drop_last, num_workers=cfg.workers)
-        _set_train_mode(model, cfg)
+        set_train_mode(model, model.backbone, model.backbone.stem_modules(), cfg.freeze_bn, cfg.freeze_stem)
         total, n = 0.0, 0
         bar = progress(loader, desc=f"train-cls {epoch + 1}/{cfg.epochs}", unit="batch")
         for x, y in bar:
@@ -308,17 +250,6 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
     _save_checkpoint(out_dir / "classifier.pt", {"model": model.state_dict(), "meta": meta})
     final = history[-1] if history else {}
     return {"epochs": cfg.epochs, "iterations": it, "final": final, "history": history}
-
-
-def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    write_text(path, buf.getvalue())
 
 
 def run_train_cls_stage(cfg: "Config", run_dir: str | Path, force: bool = False, resume: bool = True) -> "StageOutcome":

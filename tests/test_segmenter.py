@@ -1,0 +1,346 @@
+"""Segmenters (one tester per registered model), the loss, the training dataset, training with exact
+resume, and prediction (multi-scale + flip, odd sizes, batching, CRF, overlays, resume)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wsss.config import PredictConfig, TrainSegConfig, load_config
+from wsss.data.dataset import load_voc
+from wsss.errors import DataError, WsssError
+from wsss.io import read_mask, write_palette_png
+from wsss.models.segmenter import SEGMENTERS, create_segmenter
+from wsss.stages.predict import input_items, overlay, predict_items, predict_probs
+from wsss.stages.train_seg import SegDataset, load_segmenter, seg_loss, train_segmenter, train_transform
+from wsss.training import save_checkpoint
+
+from tests.conftest import make_voc
+
+K = 3
+
+
+class SegmenterTester:
+    """Base tester: subclasses name a registered segmenter and the options that keep it small."""
+
+    name: str = ""
+    options: dict = {}
+
+    def make(self) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return create_segmenter(self.name, K, **self.options)
+
+    def test_forward_shape_on_odd_size_and_input_untouched(self):
+        model = self.make().eval()
+        x = torch.randn(2, 3, 37, 45)
+        before = x.clone()
+        with torch.no_grad():
+            y = model(x)
+        assert y.shape == (2, K, 37, 45)
+        assert torch.isfinite(y).all()
+        assert torch.equal(x, before)
+
+    def test_backward_reaches_backbone_and_head(self):
+        model = self.make().train()
+        x = torch.randn(2, 3, 48, 40)
+        target = torch.randint(0, K, (2, 48, 40))
+        seg_loss(model(x), target).backward()
+        groups = model.param_groups(0.01, 10.0)
+        for g in groups:
+            assert g["params"], "empty parameter group"
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in g["params"])
+        ids = [id(p) for g in groups for p in g["params"]]
+        assert len(ids) == len(set(ids)), "a parameter is in two groups"
+
+    def test_save_load_round_trip(self, tmp_path):
+        model = self.make().eval()
+        meta = {"arch": self.name, "spec": model.spec(), "num_classes": K, "classes": ["background", "a", "b"],
+                "mean": list(model.mean), "std": list(model.std), "resize_long": None, "masks": "pseudo"}
+        save_checkpoint(tmp_path / "segmenter.pt", {"model": model.state_dict(), "meta": meta})
+        again, meta2 = load_segmenter(tmp_path / "segmenter.pt")
+        x = torch.randn(1, 3, 40, 40)
+        with torch.no_grad():
+            assert torch.allclose(model(x), again(x), atol=1e-6)
+        assert meta2["arch"] == self.name
+
+
+class TestDeepLabV3(SegmenterTester):
+    name, options = "deeplabv3", {"backbone": "tiny", "channels": 32}
+
+
+class TestDeepLabV2(SegmenterTester):
+    name, options = "deeplabv2", {"backbone": "tiny"}
+
+
+class TestDeepLabV2LargeFOV(SegmenterTester):
+    name, options = "deeplabv2_largefov", {"backbone": "tiny", "channels": 64}
+
+
+class TestDeepLabV3Lite0(SegmenterTester):
+    name, options = "deeplabv3", {"backbone": "efficientnet_lite0", "channels": 32}
+
+
+class TestTorchvisionResNet50(SegmenterTester):
+    name, options = "tv_deeplabv3_resnet50", {}
+
+
+class TestTorchvisionResNet101(SegmenterTester):
+    name, options = "tv_deeplabv3_resnet101", {}
+
+
+class TestTorchvisionMobileNet(SegmenterTester):
+    name, options = "tv_deeplabv3_mobilenet_v3_large", {}
+
+
+def test_every_registered_segmenter_has_a_tester():
+    tested = {c.name for c in SegmenterTester.__subclasses__()}
+    assert set(SEGMENTERS.names()) <= tested
+
+
+def test_unknown_segmenter_lists_valid_names():
+    from wsss.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="valid: deeplabv2, deeplabv2_largefov, deeplabv3"):
+        create_segmenter("deeplabv4", 3)
+    with pytest.raises(ConfigError, match="no option"):
+        create_segmenter("tv_deeplabv3_resnet50", 3, channels=12)
+
+
+def test_v3_rates_follow_output_stride():
+    assert create_segmenter("deeplabv3", 3, backbone="tiny", output_stride=8, channels=8).rates == [12, 24, 36]
+    assert create_segmenter("deeplabv3", 3, backbone="tiny", output_stride=16, channels=8).rates == [6, 12, 18]
+    assert create_segmenter("deeplabv2", 3, backbone="tiny", output_stride=8).rates == [6, 12, 18, 24]
+
+
+# -------------------------------------------------------------------------------------------------- loss
+
+
+def test_all_ignored_mask_gives_zero_loss_and_gradient():
+    logits = torch.randn(2, K, 8, 8, requires_grad=True)
+    loss = seg_loss(logits, torch.full((2, 8, 8), 255))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.count_nonzero(logits.grad) == 0
+
+
+def test_ignored_pixels_do_not_count():
+    torch.manual_seed(0)
+    logits = torch.randn(1, K, 4, 4)
+    target = torch.randint(0, K, (1, 4, 4))
+    target[0, :2] = 255
+    other = logits.clone()
+    other[0, :, :2] = torch.randn(K, 2, 4) * 10  # change only ignored pixels
+    assert torch.allclose(seg_loss(logits, target), seg_loss(other, target))
+    kept = torch.nn.functional.cross_entropy(logits[0, :, 2:].reshape(K, -1).T, target[0, 2:].reshape(-1))
+    assert torch.allclose(seg_loss(logits, target), kept)
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+
+def _mask_dir(tmp_path: Path, ds, value=None) -> Path:
+    out = tmp_path / "masks"
+    for i, s in enumerate(ds):
+        m = ds.read_mask(i) if value is None else np.full(ds.read_mask(i).shape, value, np.uint8)
+        write_palette_png(out / f"{s.id}.png", m)
+    return out
+
+
+def test_seg_dataset_pads_mask_with_ignore_and_checks_ids(voc, tmp_path):
+    from wsss.stages.train_seg import pseudo_mask_source
+
+    ds = load_voc(voc, "train")
+    cfg = TrainSegConfig(crop_size=80, scale_range=(1.0, 1.0), hflip=False)
+    data = SegDataset(ds, pseudo_mask_source(ds, _mask_dir(tmp_path, ds)), train_transform(cfg, (0, 0, 0)),
+                      (0.5,) * 3, (0.5,) * 3)
+    x, y = data[0]  # 40x50 image in an 80x80 crop: the padding is ignored
+    assert x.shape == (3, 80, 80) and y.shape == (80, 80)
+    assert (y == 255).sum() == 80 * 80 - 40 * 50
+    bad = SegDataset(ds, pseudo_mask_source(ds, _mask_dir(tmp_path / "bad", ds, value=7)), train_transform(cfg, (0, 0, 0)),
+                     (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(DataError, match="class id 7 outside 0..2"):
+        bad[0]
+
+
+def test_missing_pseudo_masks_are_reported(voc, tmp_path):
+    from wsss.stages.train_seg import pseudo_mask_source
+
+    ds = load_voc(voc, "train")
+    folder = _mask_dir(tmp_path, ds)
+    (folder / "b.png").unlink()
+    with pytest.raises(DataError, match="1 of 3 training images have no pseudo-mask .first: b.png"):
+        pseudo_mask_source(ds, folder)
+
+
+# -------------------------------------------------------------------------------------------------- training
+
+
+def _tiny_cfg(**kw) -> TrainSegConfig:
+    base = dict(backbone="tiny", output_stride=8, channels=16, epochs=2, batch_size=2, optimizer="adamw", lr=0.003,
+                head_lr_mult=1.0, crop_size=48, scale_range=(0.8, 1.2), head_dropout=0.5)
+    return TrainSegConfig(**(base | kw))
+
+
+@pytest.fixture
+def small_voc(tmp_path):
+    items = {f"i{n}": ("cat" if n % 2 else "dog", (48 + 4 * (n % 3), 56)) for n in range(8)}
+    return make_voc(tmp_path / "small", items)
+
+
+def test_resume_after_a_crash_gives_the_same_weights(small_voc, tmp_path):
+    ds = load_voc(small_voc, "train")
+    train_segmenter(_tiny_cfg(), ds, ds.read_mask, tmp_path / "straight")
+    calls = []
+
+    def crashing(i):  # fails while reading the second epoch's data
+        calls.append(i)
+        if len(calls) > len(ds) + 3:
+            raise RuntimeError("simulated crash")
+        return ds.read_mask(i)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_segmenter(_tiny_cfg(), ds, crashing, tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "segmenter.pt").exists()
+    train_segmenter(_tiny_cfg(), ds, ds.read_mask, tmp_path / "resumed", resume=True)
+    a = torch.load(tmp_path / "straight" / "segmenter.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "segmenter.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = (tmp_path / "resumed" / "log.csv").read_text().splitlines()
+    assert len(log) == 3  # header + one row per epoch, the first kept from before the resume
+
+
+def test_resume_refuses_a_changed_recipe(small_voc, tmp_path):
+    ds = load_voc(small_voc, "train")
+    train_segmenter(_tiny_cfg(epochs=1), ds, ds.read_mask, tmp_path / "r")
+    with pytest.raises(WsssError, match="train_seg.lr differ"):
+        train_segmenter(_tiny_cfg(epochs=2, lr=0.1), ds, ds.read_mask, tmp_path / "r")
+
+
+def test_training_lowers_the_loss_and_scores_val(small_voc, tmp_path):
+    ds = load_voc(small_voc, "train")
+    res = train_segmenter(_tiny_cfg(epochs=6, head_dropout=0.0), ds, ds.read_mask, tmp_path / "t", val_ds=ds)
+    losses = [r["loss"] for r in res["history"]]
+    assert losses[-1] < losses[0]
+    assert all("val_mIoU" in r for r in res["history"])
+
+
+# -------------------------------------------------------------------------------------------------- predict
+
+
+def _model():
+    torch.manual_seed(0)
+    return create_segmenter("deeplabv3", K, backbone="tiny", channels=16).eval()
+
+
+def test_predict_probs_odd_sizes_scales_and_flip():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    before = img.copy()
+    p = predict_probs(_model(), [img], scales=[0.5, 1.0, 1.5], flip=True, resize_long=70)
+    assert p.shape == (1, K, 37, 53) and p.dtype == np.float32
+    assert np.allclose(p.sum(1), 1.0, atol=1e-5)
+    assert np.array_equal(img, before)
+    # flip averaging makes the prediction of the mirrored photo the mirror of the prediction
+    q = predict_probs(_model(), [img[:, ::-1].copy()], scales=[0.5, 1.0, 1.5], flip=True, resize_long=70)
+    assert np.allclose(q[0], p[0][:, :, ::-1], atol=1e-5)
+
+
+def test_predict_batch_equals_one_by_one():
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 255, (41, 29, 3), dtype=np.uint8) for _ in range(3)]
+    both = predict_probs(_model(), imgs, scales=[1.0, 0.75])
+    single = np.concatenate([predict_probs(_model(), [im], scales=[1.0, 0.75]) for im in imgs])
+    assert np.allclose(both, single, atol=1e-5)
+    with pytest.raises(ValueError, match="share their size"):
+        predict_probs(_model(), [imgs[0], imgs[0][:20]])
+
+
+def test_predict_items_writes_masks_overlays_and_resumes(voc, tmp_path):
+    items = input_items([voc / "JPEGImages"])
+    assert [sid for sid, _ in items] == ["a", "b", "c"]
+    cfg = PredictConfig(scales=[1.0], batch_size=2)
+    out = tmp_path / "pred"
+    res = predict_items(_model(), items, out, cfg, resize_long=None)
+    assert res["computed"] == 3
+    for sid, path in items:
+        m = read_mask(out / f"{sid}.png")
+        assert m.max() < K and (out / "overlay" / f"{sid}.jpg").is_file()
+    (out / "b.png").unlink()
+    assert predict_items(_model(), items, out, cfg, resize_long=None)["computed"] == 1
+    # CRF post-processing runs and keeps the size
+    res = predict_items(_model(), items[:1], tmp_path / "crf", cfg, resize_long=None, crf_cfg=load_config(None).crf)
+    assert read_mask(tmp_path / "crf" / "a.png").shape == (40, 50)
+
+
+def test_input_items_errors(tmp_path):
+    with pytest.raises(DataError, match="input not found"):
+        input_items([tmp_path / "nope.jpg"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        input_items([tmp_path / "empty"])
+
+
+def test_overlay_colours_only_foreground():
+    img = np.full((2, 2, 3), 100, np.uint8)
+    mask = np.array([[0, 1], [255, 2]], np.uint8)
+    out = overlay(img, mask)
+    assert (out[0, 0] == 100).all() and (out[1, 0] == 100).all()
+    assert not (out[0, 1] == 100).all() and not (out[1, 1] == 100).all()
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_seg_gt_predict_folder_and_eval(small_voc, tmp_path, run_cli):
+    run = tmp_path / "run"
+    args = ["data.source=voc", f"data.root={small_voc}", "data.val_split=train", f"run.out_dir={run}",
+            "train_seg.backbone=tiny", "train_seg.channels=16", "train_seg.epochs=1", "train_seg.batch_size=4",
+            "train_seg.crop_size=48", "predict.split=train", "predict.scales=[1.0]"]
+    args = ["configs/demo.yaml", *args]
+    code, out, err = run_cli("train-seg", "--masks", "gt", *args)
+    assert code == 0, err
+    assert "trained on gt masks" in out and (run / "seg_gt" / "segmenter.pt").is_file()
+    code, out, _ = run_cli("train-seg", "--masks", "gt", *args)
+    assert code == 0 and "up to date" in out
+    code, out, err = run_cli("predict", "--masks", "gt", *args)
+    assert code == 0, err
+    assert len(list((run / "predict" / "train").glob("*.png"))) == 8
+    code, out, err = run_cli("eval", "seg", *args)
+    assert code == 0, err
+    summary = json.loads((run / "predict" / "train" / "eval" / "summary.json").read_text())
+    assert summary["images"] == 8 and 0 <= summary["mIoU"] <= 100
+    code, out, err = run_cli("predict", "--model", run / "seg_gt" / "segmenter.pt", "--input", small_voc / "JPEGImages" / "i1.jpg",
+                             "--out", tmp_path / "one")
+    assert code == 0, err
+    assert (tmp_path / "one" / "i1.png").is_file()
+
+
+def test_cli_train_seg_without_pseudo_masks_says_what_to_run(small_voc, tmp_path, run_cli):
+    code, _, err = run_cli("train-seg", "configs/demo.yaml", "data.source=voc", f"data.root={small_voc}", "data.val_split=train",
+                           f"run.out_dir={tmp_path / 'r'}")
+    assert code != 0 and "no finished crf stage" in err and "wsss crf CONFIG" in err
+
+
+def test_torchvision_backbone_weights_offline_fail_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with pytest.raises(WsssError, match="not cached at .*mobilenet_v3_large.*copy"):
+        create_segmenter("tv_deeplabv3_mobilenet_v3_large", 3, pretrained=True)
+    with pytest.raises(WsssError, match="not found"):
+        create_segmenter("tv_deeplabv3_resnet50", 3, pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_torchvision_backbone_loads_a_local_imagenet_file(tmp_path):
+    """A torchvision ImageNet state dict (here: random weights of the classification model) loads into
+    the segmenter's backbone strictly (every backbone tensor is taken from the file)."""
+    from torchvision.models import mobilenet_v3_large
+
+    torch.manual_seed(0)
+    sd = mobilenet_v3_large().state_dict()
+    torch.save(sd, tmp_path / "mnv3.pth")
+    net = create_segmenter("tv_deeplabv3_mobilenet_v3_large", 3, pretrained=str(tmp_path / "mnv3.pth"))
+    got = net.backbone.state_dict()
+    assert got and all(torch.equal(v, sd[f"features.{k}"]) for k, v in got.items())
