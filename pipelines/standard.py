@@ -35,6 +35,8 @@ class RunResult:
     done: list[tuple[str, float, bool]] = field(default_factory=list)  # (stage, seconds, skipped)
     not_built: list[str] = field(default_factory=list)
     disabled: list[str] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+    gallery: Path | None = None
 
 
 def _expand(cfg: Config, run_dir: Path, force: bool) -> StageOutcome | None:
@@ -80,4 +82,13 @@ def run(cfg: Config, from_stage: str | None = None, to_stage: str | None = None,
             result.disabled.append(name)
             continue
         result.done.append((name, time.time() - t0, outcome.skipped))
+    from wsss.report import write_report
+    from wsss.stages.train_seg import seg_folder
+
+    result.report = write_report(run_dir, seg_folder(cfg.train_seg), cfg.predict.split)
+    log.info("report: %s, %s", run_dir / "report.json", run_dir / "report.html")
+    if cfg.run.gallery_images and (run_dir / "data" / "index.json").is_file():
+        from wsss.gallery import write_gallery
+
+        result.gallery = write_gallery(run_dir, cfg.cam.split, limit=cfg.run.gallery_images)
     return result

@@ -14,9 +14,7 @@ from wsss.errors import NotBuiltError, WsssError
 
 log = logging.getLogger("wsss")
 
-PLANNED = {
-    "inspect": ("write an HTML gallery of a run's maps and masks", 7),
-}
+PLANNED: dict[str, tuple[str, int]] = {}
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*=")
@@ -112,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--force", action="store_true", help="recompute every prediction")
     _overrides(pr)
 
+    ins = sub.add_parser("inspect", help="write an HTML gallery of a run's maps and masks (or --stats)")
+    ins.add_argument("run_dir", type=Path, help="run directory (run.out_dir)")
+    ins.add_argument("--split", help="split to show (default: the CAMs' split; val shows predictions)")
+    ins.add_argument("--limit", type=int, default=200, help="first N images (0 = all; default 200)")
+    ins.add_argument("--out", type=Path, help="output folder (default RUN/inspect/<split>)")
+    ins.add_argument("--open", action="store_true", help="open the gallery in the web browser")
+    ins.add_argument("--stats", action="store_true", help="instead: print class areas, ignore share and the images whose "
+                     "pseudo-mask disagrees with their labels")
+    ins.add_argument("--masks", type=Path, help="with --stats: mask folder (default RUN/crf)")
+
     ev = sub.add_parser("eval", help="score CAMs, pseudo-masks or segmenter predictions against ground truth")
     esub = ev.add_subparsers(dest="eval_command", metavar="WHAT")
     for what, flag, files, default, text in [
@@ -194,24 +202,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"unknown stage '{s}' (stages: {', '.join(STAGE_ORDER)})")
     cfg = load_config(args.config, args.overrides)
     res = run(cfg, args.from_stage, args.to_stage, tuple(args.force))
-    for name, secs, skipped in res.done:
-        print(f"  {name:<10} {'up to date' if skipped else 'done':<11} {secs:7.1f} s")
+    from wsss.report import summary_lines
+
+    print("\n".join(summary_lines(res.report, res.done)))
     if res.disabled:
         print(f"  disabled in the config: {', '.join(res.disabled)}")
     if res.not_built:
         print(f"  not built in wsss {__version__} yet: {', '.join(res.not_built)}")
-    summary = res.run_dir / "eval" / "summary.json"
-    if summary.is_file() and any(name == "eval" for name, _, _ in res.done):
-        from wsss.io import read_json
-
-        for name, r in read_json(summary).items():
-            if name == "seg":
-                print(f"  segmenter on {r['split']}: mIoU {r['mIoU']:.1f}")
-            elif "kept_share" in r:
-                print(f"  {name} pseudo-masks: mIoU {r['mIoU']:.1f} on kept pixels, {r['kept_share']:.1f}% kept")
-            else:
-                print(f"  {name} mIoU {r['mIoU']:.1f} at threshold {r['best_threshold']:.2f} "
-                      f"(fg precision {r['fg_precision']:.1f}, recall {r['fg_recall']:.1f})")
+    print(f"report: {res.run_dir / 'report.html'}")
+    if res.gallery is not None:
+        print(f"gallery: {res.gallery}")
     print(f"run directory: {res.run_dir}")
     return 0
 
@@ -329,6 +329,38 @@ def _cmd_eval_masks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from wsss.gallery import mask_statistics, open_in_browser, write_gallery
+
+    if args.stats:
+        from wsss.stages.data import open_split
+
+        from wsss.manifest import read_manifest
+
+        split = args.split or ((read_manifest(args.run_dir / "cam") or {}).get("config", {}).get("split", "train"))
+        masks = args.masks or args.run_dir / "crf"
+        if not masks.is_dir():
+            raise WsssError("no pseudo-mask folder; run `wsss crf CONFIG` first or give --masks", masks)
+        st = mask_statistics(open_split(args.run_dir, split), masks)
+        print(f"{'class':<14} {'area %':>7}")
+        for c, a in st["class_area"].items():
+            print(f"{c:<14} {a:7.2f}")
+        print(f"{'ignore (255)':<14} {st['ignore_share']:7.2f}")
+        for d in st["disagree"][:20]:
+            parts = [f"labelled but absent: {', '.join(d['missing'])}"] if d["missing"] else []
+            parts += [f"present but not labelled: {', '.join(d['unlabelled'])}"] if d["unlabelled"] else []
+            print(f"  {d['id']}: {'; '.join(parts)}")
+        more = len(st["disagree"]) - 20
+        print(f"inspect: {st['images']} masks in {masks}; {len(st['disagree'])} disagree with their labels"
+              + (f" ({more} more not listed)" if more > 0 else ""))
+        return 0
+    page = write_gallery(args.run_dir, args.split, args.out, args.limit)
+    print(f"inspect: gallery -> {page}")
+    if args.open:
+        open_in_browser(page)
+    return 0
+
+
 def _cmd_train_seg(args: argparse.Namespace) -> int:
     from wsss.stages.train_seg import run_train_seg_stage, seg_folder
 
@@ -429,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_train_seg(args)
         elif args.command == "predict":
             return _cmd_predict(args)
+        elif args.command == "inspect":
+            return _cmd_inspect(args)
         elif args.command == "eval":
             if args.eval_command == "cam":
                 return _cmd_eval_cam(args)

@@ -143,6 +143,9 @@ class TrainSegConfig(TrainCommon):
     rates: list[int] | None = Field(None, description="atrous rates (default: the paper's, rescaled to output_stride)")
     head_dropout: float | None = Field(None, ge=0, lt=1, description="dropout in the head (default: the paper's)")
     batch_size: int = Field(8, ge=1)
+    lr: float = Field(0.002, gt=0, description="backbone learning rate (poly decay, power 0.9); 0.01 with the head at "
+                      "10x did not learn on voc6")
+    head_lr_mult: float = Field(5.0, gt=0, description="learning-rate multiplier of the new head")
     crop_size: int = Field(256, ge=16, description="training crop side (pixels)")
     scale_range: tuple[float, float] = Field((0.5, 1.5), description="random rescale range")
     color_jitter: float = Field(0.0, ge=0, le=1)
@@ -304,6 +307,7 @@ class RunConfig(Section):
     out_dir: Path = Path("runs/demo")
     seed: int = 0
     name: str = "demo"
+    gallery_images: int = Field(100, ge=0, description="`wsss run` ends with a gallery of this many images (0 = none)")
 
 
 class Config(Section):
