@@ -1,7 +1,7 @@
 """The standard flow: data -> train-cls -> cam -> expand -> crf -> train-seg -> predict -> eval.
 
 Each stage writes its folder of the run directory; a stage whose manifest key matches is skipped.
-Stages this version does not provide yet are reported as such and the run stops cleanly before them.
+At the end it writes ``report.json``/``report.html`` and a gallery (``run.gallery_images``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ STAGE_ORDER: tuple[str, ...] = ("data", "train-cls", "cam", "expand", "crf", "tr
 class RunResult:
     run_dir: Path
     done: list[tuple[str, float, bool]] = field(default_factory=list)  # (stage, seconds, skipped)
-    not_built: list[str] = field(default_factory=list)
     disabled: list[str] = field(default_factory=list)
     report: dict = field(default_factory=dict)
     gallery: Path | None = None
@@ -46,7 +45,7 @@ def _expand(cfg: Config, run_dir: Path, force: bool) -> StageOutcome | None:
     return run_expand_stage(cfg, run_dir, force=force)
 
 
-def _stages() -> dict[str, Callable[[Config, Path, bool], StageOutcome | None] | None]:
+def _stages() -> dict[str, Callable[[Config, Path, bool], StageOutcome | None]]:
     return {
         "data": lambda cfg, run_dir, force: run_data_stage(cfg.data, run_dir, force=force),
         "train-cls": lambda cfg, run_dir, force: run_train_cls_stage(cfg, run_dir, force=force),
@@ -72,10 +71,6 @@ def run(cfg: Config, from_stage: str | None = None, to_stage: str | None = None,
     stages = _stages()
     for i, name in enumerate(order[lo : hi + 1], start=lo):
         fn = stages[name]
-        if fn is None:
-            result.not_built.append(name)
-            log.info("stage %s: not built in this version yet; skipped", name)
-            continue
         t0 = time.time()
         outcome = fn(cfg, run_dir, i >= forced_from)
         if outcome is None:

@@ -96,3 +96,11 @@ def test_every_shipped_config_loads():
     assert files
     for f in files:
         load_config(f)
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_say_what_they_are_for(path):
+    from wsss.config import load_config
+
+    load_config(path)
+    assert path.read_text().startswith("# "), "each config starts with a comment saying what it is for"

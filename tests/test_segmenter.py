@@ -344,3 +344,24 @@ def test_torchvision_backbone_loads_a_local_imagenet_file(tmp_path):
     net = create_segmenter("tv_deeplabv3_mobilenet_v3_large", 3, pretrained=str(tmp_path / "mnv3.pth"))
     got = net.backbone.state_dict()
     assert got and all(torch.equal(v, sd[f"features.{k}"]) for k, v in got.items())
+
+
+def test_bad_segmenter_files_give_one_line_errors(tmp_path, run_cli):
+    model = create_segmenter("deeplabv3", K, backbone="tiny", channels=16)
+    meta = {"arch": "deeplabv3", "spec": model.spec(), "num_classes": K, "classes": ["background", "a", "b"],
+            "mean": list(model.mean), "std": list(model.std), "resize_long": None, "masks": "pseudo"}
+    save_checkpoint(tmp_path / "ok.pt", {"model": model.state_dict(), "meta": meta})
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WsssError, match="cannot load checkpoint"):
+        load_segmenter(tmp_path / "truncated.pt")
+    save_checkpoint(tmp_path / "cls.pt", {"model": model.state_dict(), "meta": {"backbone": "tiny"}})
+    with pytest.raises(WsssError, match="not a wsss segmenter file"):
+        load_segmenter(tmp_path / "cls.pt")
+    other = meta | {"spec": {"backbone": "tiny", "output_stride": 16, "channels": 32}}
+    save_checkpoint(tmp_path / "other.pt", {"model": model.state_dict(), "meta": other})
+    with pytest.raises(WsssError, match="weights do not fit segmenter 'deeplabv3'"):
+        load_segmenter(tmp_path / "other.pt")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    code, _, err = run_cli("predict", "--model", tmp_path / "ok.pt", "--input", tmp_path / "broken.jpg", "--out", tmp_path / "o")
+    assert code == 1 and "broken.jpg" in err and err.count("\n") == 1

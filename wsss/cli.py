@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Sequence
 
 from wsss import __version__
-from wsss.errors import NotBuiltError, WsssError
+from wsss.errors import WsssError
 
 log = logging.getLogger("wsss")
-
-PLANNED: dict[str, tuple[str, int]] = {}
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*=")
@@ -65,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--from", dest="from_stage", help="first stage to run")
     run.add_argument("--to", dest="to_stage", help="last stage to run")
     run.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run STAGE and everything after it")
+    run.add_argument("--flow", choices=["standard", "fully-supervised"], default="standard",
+                     help="standard: the weakly-supervised pipeline; fully-supervised: the same segmenter recipe on "
+                          "ground-truth masks (the upper bound; RUN/seg_gt, RUN/predict_gt)")
     _overrides(run)
 
     tc = sub.add_parser("train-cls", help="train the multi-label classifier from image-level labels")
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("config", type=Path, nargs="?", help="YAML config of the run (optional with --model and --input)")
     pr.add_argument("--model", type=Path, help="segmenter.pt (default RUN/seg/segmenter.pt, RUN/seg_gt with --masks gt)")
     pr.add_argument("--input", type=Path, nargs="+", help="image files or folders (instead of predict.split)")
-    pr.add_argument("--out", type=Path, help="output folder (default RUN/predict/<split>, or RUN/predict/input)")
+    pr.add_argument("--out", type=Path, help="output folder (default RUN/predict/<split> (predict_gt with --masks gt), or RUN/predict/input)")
     pr.add_argument("--split", help="dataset split (predict.split)")
     pr.add_argument("--masks", choices=["pseudo", "gt"], help="which of the run's segmenters (train_seg.masks)")
     pr.add_argument("--crf", action="store_true", help="refine with the dense CRF (predict.crf=true)")
@@ -125,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     for what, flag, files, default, text in [
             ("cam", "--cams", "<id>.npz", "cam", "mIoU of CAM .npz files with a background-threshold sweep"),
             ("masks", "--masks", "<id>.png", "crf", "mIoU of pseudo-mask PNGs on the pixels they keep, kept share, confusion matrix"),
-            ("seg", "--pred", "<id>.png", "predict/<split>", "mIoU of segmenter predictions (from `wsss predict`), confusion matrix")]:
+            ("seg", "--pred", "<id>.png", "predict/<split>", "mIoU of segmenter predictions (from `wsss predict`; "
+             "RUN/predict_gt/<split> with train_seg.masks=gt), confusion matrix")]:
         e = esub.add_parser(what, help=text)
         e.add_argument("config", type=Path, nargs="?", help="YAML config of the run (default: flags below)")
         e.add_argument(flag, type=Path, help=f"folder of {files} (default RUN/{default})")
@@ -134,9 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--out", type=Path, help=f"report folder (default <{flag[2:]}>/eval)")
         _overrides(e)
 
-    for name, (text, issue) in PLANNED.items():
-        p = sub.add_parser(name, help=f"{text} (not built yet)", add_help=False)
-        p.set_defaults(planned=name)
     return parser
 
 
@@ -201,14 +200,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if s is not None and s not in STAGE_ORDER:
             raise ConfigError(f"unknown stage '{s}' (stages: {', '.join(STAGE_ORDER)})")
     cfg = load_config(args.config, args.overrides)
-    res = run(cfg, args.from_stage, args.to_stage, tuple(args.force))
+    if args.flow == "fully-supervised":
+        from pipelines import fully_supervised
+
+        if args.from_stage or args.to_stage:
+            raise ConfigError("--from/--to apply to the standard flow only")
+        res = fully_supervised.run(cfg, tuple(args.force))
+        for name, secs, skipped in res.done:
+            print(f"  {name:<10} {'up to date' if skipped else 'done':<11} {secs:8.1f}")
+        m = res.report["metrics"]
+        print(f"  segmenter trained on ground truth: mIoU {m['seg_gt']['mIoU']:.1f} on {cfg.predict.split}"
+              + (f"; weakly-supervised {m['seg']['mIoU']:.1f}, ratio {m['ratio']:.3f}" if "ratio" in m else ""))
+        print(f"run directory: {res.run_dir}")
+        return 0
+    else:
+        res = run(cfg, args.from_stage, args.to_stage, tuple(args.force))
     from wsss.report import summary_lines
 
     print("\n".join(summary_lines(res.report, res.done)))
     if res.disabled:
         print(f"  disabled in the config: {', '.join(res.disabled)}")
-    if res.not_built:
-        print(f"  not built in wsss {__version__} yet: {', '.join(res.not_built)}")
     print(f"report: {res.run_dir / 'report.html'}")
     if res.gallery is not None:
         print(f"gallery: {res.gallery}")
@@ -261,8 +272,12 @@ def _eval_setup(args: argparse.Namespace, folder: Path | None, default: str):
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg.run.out_dir)
     folder = Path(folder or run_dir / default)
-    split = args.split or (cfg.predict.split if default.startswith("predict") else cfg.cam.split)
-    folder = Path(str(folder).replace("<split>", split))
+    seg = default.startswith("predict")
+    split = args.split or (cfg.predict.split if seg else cfg.cam.split)
+    if seg and not args.pred:
+        from wsss.stages.predict import predict_folder
+
+        folder = predict_folder(cfg, run_dir, split)
     ds = load_dataset(args.data or dataset_root(cfg.data, run_dir), split, cfg.data.classes)
     return cfg, folder, split, ds, args.out or folder / "eval"
 
@@ -389,20 +404,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.input is None:
         if args.config is None:
             raise ConfigError("give a CONFIG (to predict its predict.split), or --model and --input")
-        from wsss.stages.predict import run_predict_stage
+        from wsss.stages.predict import predict_folder, run_predict_stage
 
         args.overrides = extra
         cfg, run_dir = _stage_setup(args)
         if args.model is None and args.out is None:
             o = run_predict_stage(cfg, run_dir, force=args.force).manifest["outputs"]
-            out = run_dir / "predict" / cfg.predict.split
+            out = predict_folder(cfg, run_dir)
             print(f"predict: {o['images']} {cfg.predict.split} images ({o['computed']} computed) -> {out}")
             return 0
         from wsss.stages.data import open_split
 
         ds = open_split(run_dir, cfg.predict.split)
         items = [(s.id, s.image) for s in ds]
-        default_out = run_dir / "predict" / cfg.predict.split
+        default_out = predict_folder(cfg, run_dir)
     else:
         from wsss.stages.predict import input_items
 
@@ -430,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     rest, over = split_overrides(sys.argv[1:] if argv is None else argv)
     args, unknown = parser.parse_known_args(rest)
-    if unknown and not getattr(args, "planned", None):
+    if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if over:
         if not hasattr(args, "overrides"):
@@ -438,9 +453,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *over]
     setup_logging(-1 if args.quiet else args.verbose)
     try:
-        if getattr(args, "planned", None):
-            text, issue = PLANNED[args.planned]
-            raise NotBuiltError(f"`wsss {args.planned}` ({text}) is not built in wsss {__version__} yet")
         if args.command == "data":
             if args.data_command == "synth":
                 return _cmd_synth(args)

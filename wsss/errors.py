@@ -29,12 +29,6 @@ class ImageReadError(DataError):
     """An image or mask file cannot be decoded."""
 
 
-class NotBuiltError(WsssError):
-    """A stage that this version does not provide yet."""
-
-    exit_code = 3
-
-
 def brief(exc: BaseException, limit: int = 150) -> str:
     """First line of an exception's message (or its type name), cut to ``limit`` characters."""
     text = str(exc).strip()

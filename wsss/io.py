@@ -58,6 +58,16 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
         raise
 
 
+def remove_temp_files(folder: str | Path) -> int:
+    """Delete the temp files a killed writer left in ``folder`` (names made by :func:`atomic_path`, never
+    outputs); returns how many."""
+    n = 0
+    for tmp in Path(folder).glob(".*.tmp*"):
+        tmp.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -104,12 +104,11 @@ def prepare_output_folder(out: str | Path, key: str, clear: bool, *patterns: str
     another key."""
     import shutil
 
-    from wsss.io import write_text
+    from wsss.io import remove_temp_files, write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob(".*.tmp*"):  # temp files of a killed run (see wsss.io.atomic_path): never outputs
-        tmp.unlink(missing_ok=True)
+    remove_temp_files(out)
     marker = out / ".key"
     stale = clear or (marker.is_file() and marker.read_text().strip() != key)
     if stale:

@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 #: (stage, folder in the run directory); ``{split}``/``{seg}`` are filled from the config
 STAGE_FOLDERS = [("data", "data"), ("train-cls", "cls"), ("cam", "cam"), ("expand", "expand"), ("crf", "crf"),
-                 ("train-seg", "{seg}"), ("predict", "predict/{split}"), ("eval", "eval")]
+                 ("train-seg", "{seg}"), ("predict", "{pred}/{split}"), ("eval", "eval")]
 
-METRIC_LABELS = {"cam": "CAM seeds", "expand": "expanded CAMs", "crf": "pseudo-masks", "seg": "segmenter"}
+METRIC_LABELS = {"cam": "CAM seeds", "expand": "expanded CAMs", "crf": "pseudo-masks", "seg": "segmenter",
+                 "seg_gt": "segmenter on ground truth"}
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
@@ -53,7 +54,7 @@ def collect(run_dir: str | Path, seg_folder: str = "seg", split: str = "val") ->
     run_dir = Path(run_dir)
     stages = []
     for stage, folder in STAGE_FOLDERS:
-        folder = folder.format(seg=seg_folder, split=split)
+        folder = folder.format(seg=seg_folder, split=split, pred="predict" if seg_folder == "seg" else "predict_gt")
         man = read_manifest(run_dir / folder)
         if man is None:
             continue
@@ -61,6 +62,11 @@ def collect(run_dir: str | Path, seg_folder: str = "seg", split: str = "val") ->
                        "outputs": {k: v for k, v in man.get("outputs", {}).items() if not isinstance(v, (dict, list))}})
     summary = run_dir / "eval" / "summary.json"
     metrics = read_json(summary) if summary.is_file() else {}
+    ref = run_dir / "predict_gt" / split / "eval" / "summary.json"
+    if ref.is_file():  # the fully-supervised reference flow's score, and the ratio to it
+        metrics["seg_gt"] = {k: v for k, v in read_json(ref).items() if k != "kept_share"} | {"split": split}
+        if "seg" in metrics and metrics["seg_gt"]["mIoU"]:
+            metrics["ratio"] = round(metrics["seg"]["mIoU"] / metrics["seg_gt"]["mIoU"], 3)
     sweeps = {name: _read_csv(run_dir / name / "eval" / "sweep.csv") for name in ("cam", "expand")}
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
     return {"run": run_dir.name, "config": config, "stages": stages, "metrics": metrics,
@@ -80,12 +86,16 @@ def summary_lines(report: dict[str, Any], done: list[tuple[str, float, bool]] | 
         res = _metric_text(key, m[key]) if key in m else ""
         secs = "" if st["seconds"] is None else f"{st['seconds']:8.1f}"
         lines.append(f"  {name:<10} {status.get(name, 'not run'):<11} {secs:>8}   {res}".rstrip())
+    if "seg_gt" in m:
+        lines.append(f"  {'':<31}{_metric_text('seg_gt', m['seg_gt'])}")
+    if "ratio" in m:
+        lines.append(f"  {'':<31}weakly- / fully-supervised ratio {m['ratio']:.3f}")
     return lines
 
 
 def _metric_text(key: str, r: dict[str, Any]) -> str:
-    if key == "seg":
-        return f"segmenter mIoU {r['mIoU']:.1f} on {r.get('split', 'val')}"
+    if key in ("seg", "seg_gt"):
+        return f"{METRIC_LABELS[key]} mIoU {r['mIoU']:.1f} on {r.get('split', 'val')}"
     if "kept_share" in r:
         return f"pseudo-masks mIoU {r['mIoU']:.1f} on kept pixels, {r['kept_share']:.1f}% kept"
     return (f"{METRIC_LABELS[key]} mIoU {r['mIoU']:.1f} at threshold {r['best_threshold']:.2f} "
@@ -157,6 +167,8 @@ def render_html(report: dict[str, Any]) -> str:
                    f"<td>{e(s['finished'] or '')}</td></tr>" for s in report["stages"])
     mrows = "".join(f"<tr><td>{e(METRIC_LABELS.get(k, k))}</td><td>{e(_metric_text(k, v))}</td></tr>"
                     for k, v in report["metrics"].items() if k in METRIC_LABELS)
+    if "ratio" in report["metrics"]:
+        mrows += f"<tr><td>weakly / fully</td><td>ratio {report['metrics']['ratio']:.3f}</td></tr>"
     plots = _plots(report)
     titles = {"curves": "Training curves", "sweep": "Background-threshold sweep", "per_class": "Per-class IoU"}
     figs = "".join(f"<h2>{titles[k]}</h2><img alt='{titles[k]}' src='data:image/png;base64,{v}'>" for k, v in plots.items())

@@ -206,6 +206,8 @@ def generate(cfg: SynthConfig, out: str | Path, force: bool = False) -> Path:
         if not force and any(out.iterdir()):
             raise DataError("output folder exists and is not empty (use --force to replace it)", out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*"):  # the temp folder of a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         names = ["background", *cfg.classes]

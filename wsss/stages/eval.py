@@ -85,7 +85,9 @@ def run_eval_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> "
     names = ("cam", "expand") if cfg.expand.enabled else ("cam",)
     scored = {name: man for name in names if (man := read_manifest(run_dir / name)) is not None}
     mask_stages = {name: man for name in ("crf",) if (man := read_manifest(run_dir / name)) is not None}
-    pred_dir = run_dir / "predict" / cfg.predict.split
+    from wsss.stages.predict import predict_folder
+
+    pred_dir = predict_folder(cfg, run_dir)
     pred_man = read_manifest(pred_dir)
     inputs = {name: man["key"] for name, man in {**scored, **mask_stages}.items()}
     if pred_man is not None:

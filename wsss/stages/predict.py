@@ -155,6 +155,13 @@ def input_items(paths: Iterable[str | Path]) -> list[tuple[str, Path]]:
     return items
 
 
+def predict_folder(cfg: "Config", run_dir: str | Path, split: str | None = None) -> Path:
+    """``RUN/predict/<split>`` for the pseudo-mask segmenter, ``RUN/predict_gt/<split>`` for the
+    ground-truth one."""
+    name = "predict" if cfg.train_seg.masks == "pseudo" else "predict_gt"
+    return Path(run_dir) / name / (split or cfg.predict.split)
+
+
 def segmenter_path(cfg: "Config", run_dir: Path) -> Path:
     from wsss.stages.train_seg import seg_folder
 
@@ -162,7 +169,8 @@ def segmenter_path(cfg: "Config", run_dir: Path) -> Path:
 
 
 def run_predict_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> "StageOutcome":
-    """Pipeline entry: predict ``predict.split`` with the run's segmenter into ``RUN/predict/<split>/``."""
+    """Pipeline entry: predict ``predict.split`` with the run's segmenter into ``RUN/predict/<split>/``
+    (``RUN/predict_gt/<split>/`` for ``train_seg.masks=gt``)."""
     from wsss.manifest import StageOutcome, finished_outcome, prepare_output_folder, read_manifest, stage_key, write_manifest
     from wsss.stages.data import open_split
     from wsss.stages.train_seg import load_segmenter, seg_folder
@@ -172,7 +180,7 @@ def run_predict_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -
     seg_man = read_manifest(run_dir / seg_folder(cfg.train_seg))
     if seg_man is None:
         raise WsssError("no finished train-seg stage in this run directory; run `wsss train-seg CONFIG` first", run_dir)
-    out = run_dir / "predict" / cfg.predict.split
+    out = predict_folder(cfg, run_dir)
     section = {k: v for k, v in config_to_dict(cfg.predict).items() if k not in ("device", "batch_size")}
     if cfg.predict.crf:
         section["crf"] = config_to_dict(cfg.crf)

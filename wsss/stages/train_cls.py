@@ -30,6 +30,7 @@ from wsss.config import TrainClsConfig, config_to_dict, save_config
 from wsss.data.dataset import Dataset
 from wsss.data.transforms import ColorJitter, Compose, HFlip, RandomCrop, RandomScale, Resize, to_tensor
 from wsss.errors import WsssError, brief
+from wsss.io import remove_temp_files
 from wsss.log import progress
 from wsss.training import (check_resumable, freeze_parameters, load_checkpoint, make_optimizer,
                            memory_layout as _layout, poly_lr, resolve_device, save_checkpoint as _save_checkpoint,
@@ -179,6 +180,7 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out_dir)
     save_config(cfg, out_dir / "config.yaml")
     device = resolve_device(cfg.device)
     if cfg.threads:

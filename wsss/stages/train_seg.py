@@ -34,7 +34,7 @@ from wsss.config import TrainSegConfig, config_to_dict, save_config
 from wsss.data.dataset import Dataset
 from wsss.data.transforms import ColorJitter, Compose, HFlip, RandomCrop, RandomScale, Resize, to_tensor
 from wsss.errors import DataError, WsssError, brief
-from wsss.io import IGNORE, read_mask
+from wsss.io import IGNORE, read_mask, remove_temp_files
 from wsss.log import progress
 from wsss.models.segmenter import Segmenter, create_segmenter
 from wsss.training import (check_resumable, freeze_parameters, load_checkpoint, make_optimizer, memory_layout,
@@ -167,6 +167,7 @@ def train_segmenter(cfg: TrainSegConfig, train_ds: Dataset, masks: MaskSource, o
     must match). Returns ``{"epochs", "iterations", "final", "history"}``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out_dir)
     save_config(cfg, out_dir / "config.yaml")
     device = resolve_device(cfg.device)
     if cfg.threads:

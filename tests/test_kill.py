@@ -1,0 +1,80 @@
+"""Kill tests: `wsss run` on a small synthetic config, SIGKILLed in the middle of each stage at random
+points, then re-run; the final pseudo-masks and predictions must be byte-identical to an uninterrupted
+run's, and no temp file may survive. Slow (several full runs): `make test-slow`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+OVERRIDES = ["data.synth.n_train=120", "data.synth.n_val=30", "train_cls.epochs=3", "cam.scales=[1.0, 0.5]",
+             "train_seg.epochs=3", "run.gallery_images=0"]
+
+# stage -> (folder, files whose appearance marks "in the middle of it")
+PROGRESS = {"data": ("data", ".synth.*/JPEGImages/*.jpg"), "train-cls": ("cls", "checkpoint.pt"), "cam": ("cam", "*.npz"), "crf": ("crf", "*.png"),
+            "train-seg": ("seg", "checkpoint.pt"), "predict": ("predict/val", "*.png")}
+
+
+def _cmd(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "wsss", "-q", "run", "configs/demo.yaml", f"run.out_dir={run_dir}", *OVERRIDES]
+
+
+def _env() -> dict:
+    return {**os.environ, "WSSS_PROGRESS": "0", "PYTHONHASHSEED": "0"}
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.png"))}
+
+
+def _finals(run_dir: Path) -> tuple[dict, dict]:
+    return _digest(run_dir / "crf"), _digest(run_dir / "predict" / "val")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[dict, dict]:
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    subprocess.run(_cmd(run_dir), check=True, env=_env(), timeout=900, capture_output=True)
+    crf, pred = _finals(run_dir)
+    assert len(crf) == 120 and len(pred) == 30
+    return crf, pred
+
+
+@pytest.mark.parametrize("stage", list(PROGRESS))
+def test_sigkill_mid_stage_then_rerun_gives_identical_masks(stage, reference, tmp_path):
+    rng = np.random.default_rng(sum(map(ord, stage)))
+    folder, pattern = PROGRESS[stage]
+    run_dir = tmp_path / "run"
+    need = 1 if pattern == "checkpoint.pt" else int(rng.integers(3, 25))
+    proc = subprocess.Popen(_cmd(run_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if len(list((run_dir / folder).glob(pattern))) >= need:
+                time.sleep(float(rng.uniform(0, 0.5)))  # a random point inside the stage
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run finished before it could be killed in {stage}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (run_dir / "eval" / "manifest.json").exists()
+    done = subprocess.run(_cmd(run_dir), env=_env(), timeout=900, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    crf, pred = _finals(run_dir)
+    assert crf == reference[0], f"pseudo-masks differ after a kill in {stage}"
+    assert pred == reference[1], f"predictions differ after a kill in {stage}"
+    leftovers = [*run_dir.rglob(".*.tmp*"), *(run_dir / "data").glob(".synth.*")]
+    assert not leftovers, leftovers
