@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     cam = sub.add_parser("cam", help="extract class activation maps (CAM, Grad-CAM family)")
     cam.add_argument("config", type=Path, help="YAML config (sections run, data, cam)")
     cam.add_argument("--force", action="store_true", help="recompute every map")
+    cam.add_argument("--shard", metavar="I/N", help="only every N-th image starting at I (0-based); see README, Scaling out")
     _overrides(cam)
 
     ex = sub.add_parser("expand", help="fine-tune with erasing / hide-and-seek / ACoL / mixup and extract expanded CAMs")
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     crf.add_argument("config", type=Path, help="YAML config (sections run, data, cam, crf)")
     crf.add_argument("--workers", type=int, help="worker processes (crf.workers; default one per core)")
     crf.add_argument("--force", action="store_true", help="recompute every mask")
+    crf.add_argument("--shard", metavar="I/N", help="only every N-th image starting at I (0-based); see README, Scaling out")
     crf.add_argument("--sweep", action="store_true", help="instead: try the crf.sweep grid on the first crf.sweep_images "
                      "labelled images and write the best setting as a config snippet (reads ground truth)")
     _overrides(crf)
@@ -109,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--masks", choices=["pseudo", "gt"], help="which of the run's segmenters (train_seg.masks)")
     pr.add_argument("--crf", action="store_true", help="refine with the dense CRF (predict.crf=true)")
     pr.add_argument("--force", action="store_true", help="recompute every prediction")
+    pr.add_argument("--shard", metavar="I/N", help="only every N-th image of the split starting at I (0-based)")
     _overrides(pr)
 
     ins = sub.add_parser("inspect", help="write an HTML gallery of a run's maps and masks (or --stats)")
@@ -253,12 +256,54 @@ def _cmd_train_cls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sharded(args: argparse.Namespace, fn):
+    """Run a per-image stage ``fn(shard)``: the ``--shard`` given, else under torchrun this rank's shard
+    followed (after a barrier) by rank 0's merge, else the whole split."""
+    from wsss.errors import ConfigError
+    from wsss.shard import env_shard, parse_shard
+
+    if args.shard:
+        if args.force:
+            raise ConfigError("--force cannot be combined with --shard (it would clear the other shards' files)")
+        return fn(parse_shard(args.shard))
+    shard = env_shard()
+    if shard is None:
+        return fn(None)
+    import torch.distributed as dist
+
+    outcome = fn(shard)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo")
+    try:
+        dist.barrier()
+        if shard[0] == 0:
+            outcome = fn(None)
+        dist.barrier()
+    finally:
+        if started:
+            dist.destroy_process_group()
+    return outcome
+
+
+def _print_shard(stage: str, outcome, out: Path) -> bool:
+    man = outcome.manifest
+    if "shard" not in man:
+        return False
+    i, n = man["shard"]
+    print(f"{stage}: shard {i}/{n} done; {man['outputs']['images']} images ({man['outputs']['computed']} computed) -> {out}; "
+          f"run `wsss {stage}` without --shard once every shard has finished, to check and merge them")
+    return True
+
+
 def _cmd_cam(args: argparse.Namespace) -> int:
     from wsss.stages.cam import run_cam_stage
 
     cfg, run_dir = _stage_setup(args)
-    outcome = run_cam_stage(cfg, run_dir, force=args.force)
+    outcome = _sharded(args, lambda shard: run_cam_stage(cfg, run_dir, force=args.force, shard=shard))
     o = outcome.manifest["outputs"]
+    if _print_shard("cam", outcome, run_dir / "cam"):
+        return 0
     print(f"cam: {'up to date' if outcome.skipped else 'done'}; {o['images']} images -> {run_dir / 'cam'}")
     return 0
 
@@ -323,8 +368,10 @@ def _cmd_crf(args: argparse.Namespace) -> int:
         print(f"crf sweep: best mIoU {b['mIoU']:.1f} with {b['kept_share']:.1f}% kept on {res['images']} images "
               f"-> {Path(res['out']) / 'best.yaml'}")
         return 0
-    outcome = run_crf_stage(cfg, run_dir, force=args.force, workers=args.workers)
+    outcome = _sharded(args, lambda shard: run_crf_stage(cfg, run_dir, force=args.force, workers=args.workers, shard=shard))
     o = outcome.manifest["outputs"]
+    if _print_shard("crf", outcome, run_dir / "crf"):
+        return 0
     print(f"crf: {'up to date' if outcome.skipped else 'done'}; {o['images']} masks from {o['source']}, "
           f"foreground {100 * o['mean_fg_share']:.1f}%, ignored {100 * o['mean_ignore_share']:.1f}% -> {run_dir / 'crf'}")
     return 0
@@ -409,8 +456,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         args.overrides = extra
         cfg, run_dir = _stage_setup(args)
         if args.model is None and args.out is None:
-            o = run_predict_stage(cfg, run_dir, force=args.force).manifest["outputs"]
+            outcome = _sharded(args, lambda shard: run_predict_stage(cfg, run_dir, force=args.force, shard=shard))
+            o = outcome.manifest["outputs"]
             out = predict_folder(cfg, run_dir)
+            if _print_shard("predict", outcome, out):
+                return 0
             print(f"predict: {o['images']} {cfg.predict.split} images ({o['computed']} computed) -> {out}")
             return 0
         from wsss.stages.data import open_split

@@ -33,6 +33,7 @@ from wsss.stages.train_cls import use_channels_last
 
 if TYPE_CHECKING:
     from wsss.config import Config
+    from wsss.shard import Shard
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,11 @@ def run_cam_extraction(model, ds: Dataset, cfg: CamConfig, out_dir: str | Path, 
     return {"images": len(ds), "computed": len(todo), "reused": n_done}
 
 
-def run_cam_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> StageOutcome:
-    """Pipeline entry: CAMs of ``cam.split`` from ``RUN/cls/classifier.pt`` into ``RUN/cam/``."""
+def run_cam_stage(cfg: "Config", run_dir: str | Path, force: bool = False, shard: "Shard | None" = None) -> StageOutcome:
+    """Pipeline entry: CAMs of ``cam.split`` from ``RUN/cls/classifier.pt`` into ``RUN/cam/``; with
+    ``shard`` only that shard's images (see :mod:`wsss.shard`)."""
+    from wsss.shard import check_shards, shard_ids, write_shard_record
+
     from wsss.stages.data import open_split
     from wsss.stages.train_cls import load_classifier, resolve_device
 
@@ -86,13 +90,21 @@ def run_cam_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> St
     done = finished_outcome(out, "cam", chash, inputs, force)
     if done is not None:
         return done
-    prepare_output_folder(out, key, force, "*.npz")
+    prepare_output_folder(out, key, force, "*.npz", "shards")
     save_config(cfg.cam, out / "config.yaml")
     device = resolve_device(cfg.cam.device)
     model, meta = load_classifier(run_dir / "cls" / "classifier.pt", device)
     ds = open_split(run_dir, cfg.cam.split)
+    if shard is not None:
+        sub = ds.subset(shard_ids([s.id for s in ds], shard))
+        counts = run_cam_extraction(model, sub, cfg.cam, out, device, meta["mean"], meta["std"])
+        write_shard_record(out, "cam", key, shard, [s.id for s in sub])
+        log.info("cam: shard %d/%d: %d images (%d computed) -> %s", *shard, len(sub), counts["computed"], out)
+        return StageOutcome({"stage": "cam", "shard": list(shard), "outputs": counts}, skipped=False)
+    n_shards = check_shards(out, key, [s.id for s in ds])
     counts = run_cam_extraction(model, ds, cfg.cam, out, device, meta["mean"], meta["std"])
-    man = write_manifest(out, "cam", section, chash, inputs, {"format": "npz: classes int16 (k,), cam float16 (k,H,W)", **counts}, started)
+    man = write_manifest(out, "cam", section, chash, inputs, {"format": "npz: classes int16 (k,), cam float16 (k,H,W)",
+                                                             **counts, "shards": n_shards}, started)
     log.info("cam: %d images (%d computed, %d reused), method %s, %d scales%s -> %s", counts["images"], counts["computed"],
              counts["reused"], cfg.cam.method, len(cfg.cam.scales), " + flip" if cfg.cam.flip else "", out)
     return StageOutcome(man, skipped=False)

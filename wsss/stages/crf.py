@@ -39,6 +39,7 @@ from wsss.metrics import confusion, iou_from_confusion
 
 if TYPE_CHECKING:
     from wsss.config import Config
+    from wsss.shard import Shard
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,11 @@ def cam_source(cfg: "Config", run_dir: Path) -> str:
     return "expand" if cfg.expand.enabled and read_manifest(run_dir / "expand") is not None else "cam"
 
 
-def run_crf_stage(cfg: "Config", run_dir: str | Path, force: bool = False, workers: int | None = None) -> StageOutcome:
-    """Pipeline entry: pseudo-masks of ``cam.split`` from ``RUN/cam`` or ``RUN/expand`` into ``RUN/crf/``."""
+def run_crf_stage(cfg: "Config", run_dir: str | Path, force: bool = False, workers: int | None = None,
+                  shard: "Shard | None" = None) -> StageOutcome:
+    """Pipeline entry: pseudo-masks of ``cam.split`` from ``RUN/cam`` or ``RUN/expand`` into ``RUN/crf/``;
+    with ``shard`` only that shard's images (see :mod:`wsss.shard`)."""
+    from wsss.shard import check_shards, shard_ids, write_shard_record
     from wsss.stages.data import open_split
 
     started = time.time()
@@ -167,18 +171,27 @@ def run_crf_stage(cfg: "Config", run_dir: str | Path, force: bool = False, worke
     done = finished_outcome(out, "crf", chash, inputs, force, required=("stats.csv",))
     if done is not None:
         return done
-    prepare_output_folder(out, stage_key("crf", chash, inputs), force, "*.png")
+    key = stage_key("crf", chash, inputs)
+    prepare_output_folder(out, key, force, "*.png", "shards")
     save_config(cfg.crf, out / "config.yaml")
     ds = open_split(run_dir, cfg.cam.split)
+    n_workers = resolve_workers(cfg.crf.workers if workers is None else workers)
+    if shard is not None:
+        sub = ds.subset(shard_ids([s.id for s in ds], shard))
+        jobs, n_done = crf_jobs(sub, run_dir / source, out, split=ds)
+        run_crf(jobs, cfg.crf, ds.num_classes, n_workers)
+        write_shard_record(out, "crf", key, shard, [s.id for s in sub])
+        log.info("crf: shard %d/%d: %d images (%d computed) -> %s", *shard, len(sub), len(jobs), out)
+        return StageOutcome({"stage": "crf", "shard": list(shard), "outputs": {"images": len(sub), "computed": len(jobs)}}, skipped=False)
+    n_shards = check_shards(out, key, [s.id for s in ds])
     jobs, n_done = crf_jobs(ds, run_dir / source, out)
     if n_done:
         log.info("crf: %d of %d images already done, resuming", n_done, len(ds))
-    n_workers = resolve_workers(cfg.crf.workers if workers is None else workers)
     t0 = time.perf_counter()
     run_crf(jobs, cfg.crf, ds.num_classes, n_workers)
     secs = time.perf_counter() - t0
     stats = write_stats(out, [s.id for s in ds])
-    outputs = {"images": len(ds), "computed": len(jobs), "reused": n_done, "source": source, "workers": n_workers,
+    outputs = {"images": len(ds), "computed": len(jobs), "reused": n_done, "source": source, "workers": n_workers, "shards": n_shards,
                "seconds_per_image": round(secs / len(jobs), 4) if jobs else None, **{k: round(v, 4) for k, v in stats.items()}}
     man = write_manifest(out, "crf", section, chash, inputs, outputs, started)
     log.info("crf: %d images (%d computed, %d reused) from %s, %s mode, %d workers; foreground %.1f%%, ignored %.1f%% -> %s",

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from wsss.config import Config
     from wsss.manifest import StageOutcome
     from wsss.models.segmenter import Segmenter
+    from wsss.shard import Shard
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +169,12 @@ def segmenter_path(cfg: "Config", run_dir: Path) -> Path:
     return run_dir / seg_folder(cfg.train_seg) / "segmenter.pt"
 
 
-def run_predict_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> "StageOutcome":
+def run_predict_stage(cfg: "Config", run_dir: str | Path, force: bool = False, shard: "Shard | None" = None) -> "StageOutcome":
     """Pipeline entry: predict ``predict.split`` with the run's segmenter into ``RUN/predict/<split>/``
     (``RUN/predict_gt/<split>/`` for ``train_seg.masks=gt``)."""
     from wsss.manifest import StageOutcome, finished_outcome, prepare_output_folder, read_manifest, stage_key, write_manifest
     from wsss.stages.data import open_split
+    from wsss.shard import check_shards, shard_ids, write_shard_record
     from wsss.stages.train_seg import load_segmenter, seg_folder
 
     started = time.time()
@@ -189,15 +191,24 @@ def run_predict_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -
     done = finished_outcome(out, "predict", chash, inputs, force)
     if done is not None:
         return done
-    prepare_output_folder(out, stage_key("predict", chash, inputs), force, "*.png", "overlay")
+    key = stage_key("predict", chash, inputs)
+    prepare_output_folder(out, key, force, "*.png", "overlay", "shards")
     save_config(cfg.predict, out / "config.yaml")
     ds = open_split(run_dir, cfg.predict.split)
     model, meta = load_segmenter(segmenter_path(cfg, run_dir))
     if list(meta["classes"]) != list(ds.classes):
         raise WsssError(f"segmenter classes {meta['classes']} differ from the dataset's {ds.classes}", segmenter_path(cfg, run_dir))
     resize_long = cfg.predict.resize_long or meta.get("resize_long")
-    stats = predict_items(model, [(s.id, s.image) for s in ds], out, cfg.predict, resize_long,
-                          cfg.crf if cfg.predict.crf else None)
+    items = [(s.id, s.image) for s in ds]
+    crf = cfg.crf if cfg.predict.crf else None
+    if shard is not None:
+        mine = set(shard_ids([s.id for s in ds], shard))
+        stats = predict_items(model, [it for it in items if it[0] in mine], out, cfg.predict, resize_long, crf)
+        write_shard_record(out, "predict", key, shard, [sid for sid, _ in items if sid in mine])
+        log.info("predict: shard %d/%d: %d images (%d computed) -> %s", *shard, stats["images"], stats["computed"], out)
+        return StageOutcome({"stage": "predict", "shard": list(shard), "outputs": stats}, skipped=False)
+    n_shards = check_shards(out, key, [s.id for s in ds])
+    stats = predict_items(model, items, out, cfg.predict, resize_long, crf) | {"shards": n_shards}
     man = write_manifest(out, "predict", section, chash, inputs, stats, started)
     log.info("predict: %d %s images (%d computed, %d reused), scales %s%s%s -> %s", stats["images"], cfg.predict.split,
              stats["computed"], stats["reused"], cfg.predict.scales, " + flip" if cfg.predict.flip else "",
