@@ -106,7 +106,7 @@ def test_torchrun_two_ranks_write_the_same_cams(trained, tmp_path, run_cli):
     run.mkdir()
     _copy_models(trained, run)
     env = {**os.environ, "WSSS_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "wsss",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "wsss",
            "cam", *BASE, f"run.out_dir={run}"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -244,11 +244,41 @@ def _stage_setup(args: argparse.Namespace):
     return cfg, run_dir
 
 
+def _distributed_setup(args: argparse.Namespace, section: str):
+    """``_stage_setup`` for a training command, which may run under torchrun: join the process group
+    (when ``WORLD_SIZE`` > 1) and let rank 0 prepare the run directory first."""
+    from wsss.config import load_config
+    from wsss.training import barrier, init_distributed, is_main
+
+    device = getattr(load_config(args.config, args.overrides), section).device
+    started = init_distributed(device)
+    if is_main():
+        setup = _stage_setup(args)
+    barrier()
+    if not is_main():
+        setup = _stage_setup(args)
+    return (*setup, started)
+
+
+def _finish_distributed(started: bool) -> None:
+    if started:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
 def _cmd_train_cls(args: argparse.Namespace) -> int:
     from wsss.stages.train_cls import run_train_cls_stage
+    from wsss.training import is_main
 
-    cfg, run_dir = _stage_setup(args)
-    outcome = run_train_cls_stage(cfg, run_dir, force=args.force, resume=args.resume)
+    cfg, run_dir, started = _distributed_setup(args, "train_cls")
+    main_rank = is_main()
+    try:
+        outcome = run_train_cls_stage(cfg, run_dir, force=args.force, resume=args.resume)
+    finally:
+        _finish_distributed(started)
+    if not main_rank:
+        return 0
     final = outcome.manifest["outputs"].get("final", {})
     state = "up to date" if outcome.skipped else "trained"
     extras = ", ".join(f"{k} {v}" for k, v in final.items() if k.startswith("val_") or k == "loss")
@@ -425,11 +455,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_train_seg(args: argparse.Namespace) -> int:
     from wsss.stages.train_seg import run_train_seg_stage, seg_folder
+    from wsss.training import is_main
 
     if args.masks:
         args.overrides = [*args.overrides, f"train_seg.masks={args.masks}"]
-    cfg, run_dir = _stage_setup(args)
-    outcome = run_train_seg_stage(cfg, run_dir, force=args.force, resume=args.resume)
+    cfg, run_dir, started = _distributed_setup(args, "train_seg")
+    main_rank = is_main()
+    try:
+        outcome = run_train_seg_stage(cfg, run_dir, force=args.force, resume=args.resume)
+    finally:
+        _finish_distributed(started)
+    if not main_rank:
+        return 0
     final = outcome.manifest["outputs"].get("final", {})
     state = "up to date" if outcome.skipped else "trained"
     extras = ", ".join(f"{k} {v}" for k, v in final.items() if k in ("loss", "val_mIoU"))

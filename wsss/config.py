@@ -115,6 +115,7 @@ class TrainCommon(Section):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     channels_last: bool | None = Field(None, description="NHWC memory layout; default: the backbone's preference")
+    sync_bn: bool = Field(False, description="under torchrun: synchronise batch-norm statistics across GPUs (CUDA only)")
 
     @field_validator("scale_range")
     @classmethod

@@ -102,3 +102,113 @@ def check_resumable(checkpoint: dict[str, Any], current: dict[str, Any], section
     if changed:
         raise WsssError(f"cannot resume: {section}.{f', {section}.'.join(changed)} differ from the checkpoint's "
                         f"(use --no-resume or --force to start over)", path)
+
+
+# --------------------------------------------------------------------------------------------------
+# distributed training (torchrun): PyTorch's DistributedDataParallel, gloo on CPU, nccl on CUDA
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised process group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def init_distributed(device_name: str = "auto") -> bool:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (nccl for CUDA, else gloo); ranks other
+    than 0 log warnings only. Returns whether this call started the group."""
+    import logging
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    dev = resolve_device(device_name)
+    if dev.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if dist.get_rank() != 0:
+        logging.getLogger("wsss").setLevel(logging.WARNING)
+    return True
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """This rank's GPU under torchrun (``LOCAL_RANK``), else ``device``."""
+    import os
+
+    if device.type == "cuda" and world()[1] > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def rank_batches(n: int, batch_size: int, seed: int, drop_last: bool) -> list[list[int]]:
+    """This rank's share of every global batch of an epoch: the epoch's shuffle of ``range(n)`` (the
+    same permutation a one-process ``DataLoader(shuffle=True)`` with a generator seeded by ``seed`` makes)
+    cut into global batches of ``batch_size``, each split evenly across the ranks. So N processes see
+    exactly the global batches one process would, ``batch_size / N`` samples each."""
+    rank, size = world()
+    if batch_size % size:
+        raise WsssError(f"batch_size {batch_size} is not divisible by the {size} processes (the global batch is split evenly)")
+    gen = torch.Generator().manual_seed(seed)
+    torch.empty((), dtype=torch.int64).random_(generator=gen)  # the DataLoader draws a worker seed first
+    perm = torch.randperm(n, generator=gen).tolist()
+    out = []
+    for start in range(0, n, batch_size):
+        chunk = perm[start : start + batch_size]
+        if len(chunk) < batch_size and (drop_last or len(chunk) < size):
+            break
+        out.append(chunk[rank::size])
+    return out
+
+
+class LossModule(torch.nn.Module):
+    """``forward(x, y) -> loss_fn(model, x, y)``: lets DistributedDataParallel wrap the whole loss
+    computation, whichever of the model's methods it calls."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model, x, y)
+
+
+def distributed_loss(model: torch.nn.Module, loss_fn, device: torch.device, sync_bn: bool = False) -> torch.nn.Module:
+    """``LossModule(model, loss_fn)``, wrapped in DistributedDataParallel under torchrun (with
+    SyncBatchNorm when asked: CUDA only)."""
+    if world()[1] <= 1:
+        return LossModule(model, loss_fn)
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync_bn:
+        if device.type != "cuda":
+            raise WsssError("sync_bn needs CUDA (torch's SyncBatchNorm does not run on CPU)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    module = LossModule(model, loss_fn)
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def reduce_sum(total: float, n: int, device: torch.device) -> tuple[float, int]:
+    """Sums of ``total`` and ``n`` over the ranks (themselves in one process)."""
+    if world()[1] <= 1:
+        return total, n
+    import torch.distributed as dist
+
+    t = torch.tensor([total, float(n)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t[0]), int(t[1])

@@ -32,9 +32,10 @@ from wsss.data.transforms import ColorJitter, Compose, HFlip, RandomCrop, Random
 from wsss.errors import WsssError, brief
 from wsss.io import remove_temp_files
 from wsss.log import progress
-from wsss.training import (check_resumable, freeze_parameters, load_checkpoint, make_optimizer,
-                           memory_layout as _layout, poly_lr, resolve_device, save_checkpoint as _save_checkpoint,
-                           set_train_mode, write_log_csv as _write_log)
+from wsss.training import (barrier, check_resumable, distributed_loss, freeze_parameters, is_main, load_checkpoint,
+                           make_optimizer, memory_layout as _layout, poly_lr, rank_batches, rank_device, reduce_sum,
+                           resolve_device, save_checkpoint as _save_checkpoint, set_train_mode,
+                           write_log_csv as _write_log)
 from wsss.metrics import average_precision, f1_scores
 from wsss.models.backbones import create_backbone
 from wsss.models.classifier import Classifier, create_classifier
@@ -182,7 +183,7 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_temp_files(out_dir)
     save_config(cfg, out_dir / "config.yaml")
-    device = resolve_device(cfg.device)
+    device = rank_device(resolve_device(cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
@@ -194,6 +195,8 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
             raise WsssError(f"cannot start from {init}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
     nhwc = use_channels_last(cfg.channels_last, model)
     model = model.to(device, memory_format=_layout(nhwc))
+    # frozen parameters are settled before the optimiser and DistributedDataParallel see the model
+    set_train_mode(model, model.backbone, model.backbone.stem_modules(), cfg.freeze_bn, cfg.freeze_stem)
     groups = model.param_groups(cfg.lr, cfg.head_lr_mult)
     opt = make_optimizer(groups, cfg)
     data = ClsDataset(train_ds, train_transform(cfg), model.backbone.mean, model.backbone.std, seed, erase)
@@ -214,15 +217,15 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
     meta = {"backbone": cfg.backbone, "output_stride": model.backbone.output_stride, "num_classes": train_ds.num_classes,
             "classes": list(train_ds.classes), "mean": list(model.backbone.mean), "std": list(model.backbone.std),
             "head": model.head_config()}
+    step = distributed_loss(model, lambda m, x, y: classification_loss(m, x, y, hooks), device, cfg.sync_bn)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         data.epoch = epoch
-        gen = torch.Generator().manual_seed(seed * 100003 + epoch)
-        loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                             drop_last=drop_last, num_workers=cfg.workers)
+        batches = rank_batches(len(data), cfg.batch_size, seed * 100003 + epoch, drop_last)
+        loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.workers)
         set_train_mode(model, model.backbone, model.backbone.stem_modules(), cfg.freeze_bn, cfg.freeze_stem)
         total, n = 0.0, 0
-        bar = progress(loader, desc=f"train-cls {epoch + 1}/{cfg.epochs}", unit="batch")
+        bar = progress(loader, desc=f"train-cls {epoch + 1}/{cfg.epochs}", unit="batch", disable=None if is_main() else True)
         for x, y in bar:
             for g in opt.param_groups:
                 g["lr"] = poly_lr(g["base_lr"], it, max_it, cfg.warmup_iters)
@@ -230,7 +233,7 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
             y = y.to(device, non_blocking=True)
             if hooks is not None:
                 x, y = hooks.batch(x, y, np.random.default_rng([seed, 7919, it]))
-            loss = classification_loss(model, x, y, hooks)
+            loss = step(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -238,9 +241,13 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
             total += float(loss.detach()) * len(x)
             n += len(x)
             bar.set_postfix(loss=f"{total / n:.4f}")
+        total, n = reduce_sum(total, n, device)
         if not math.isfinite(total):
             raise WsssError(f"train-cls: loss became {total} in epoch {epoch + 1}; lower train_cls.lr")
         row = {"epoch": epoch + 1, "loss": round(total / max(n, 1), 5), "lr": round(opt.param_groups[0]["lr"], 7)}
+        if not is_main():  # rank 0 scores, checkpoints and logs; the others wait for it
+            barrier()
+            continue
         if val_ds is not None and len(val_ds):
             row.update({f"val_{k}": round(v, 4) for k, v in evaluate_classifier(model, val_ds, cfg, device).items()})
         row["seconds"] = round(time.time() - t0, 2)
@@ -249,7 +256,10 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
                                      "iteration": it, "config": config_to_dict(cfg), "history": history, "meta": meta})
         _write_log(out_dir / "log.csv", history)
         log.info("train-cls epoch %d/%d: %s", epoch + 1, cfg.epochs, ", ".join(f"{k} {v}" for k, v in row.items() if k != "epoch"))
-    _save_checkpoint(out_dir / "classifier.pt", {"model": model.state_dict(), "meta": meta})
+        barrier()
+    if is_main():
+        _save_checkpoint(out_dir / "classifier.pt", {"model": model.state_dict(), "meta": meta})
+    barrier()
     final = history[-1] if history else {}
     return {"epochs": cfg.epochs, "iterations": it, "final": final, "history": history}
 
@@ -277,11 +287,14 @@ def run_train_cls_stage(cfg: "Config", run_dir: str | Path, force: bool = False,
         return done
     old = read_manifest(out)
     if force or (old is not None and old.get("key") != stage_key("train-cls", chash, inputs)):
-        for name in ("checkpoint.pt", "classifier.pt", "manifest.json"):
+        for name in ("checkpoint.pt", "classifier.pt", "manifest.json") if is_main() else ():
             (out / name).unlink(missing_ok=True)
+    barrier()
     train = open_split(run_dir, cfg.data.train_split)
     val = open_split(run_dir, cfg.data.val_split) if cfg.data.val_split else None
     summary = train_classifier(cfg.train_cls, train, out, val, seed=cfg.run.seed, resume=resume)
+    if not is_main():  # under torchrun rank 0 writes the manifest
+        return StageOutcome({"stage": "train-cls", "outputs": {"final": {}}}, skipped=False)
     man = write_manifest(out, "train-cls", section, chash, inputs,
                          {"classifier": "classifier.pt", "log": "log.csv", "final": summary["final"]}, started)
     f = summary["final"]

@@ -37,8 +37,9 @@ from wsss.errors import DataError, WsssError, brief
 from wsss.io import IGNORE, read_mask, remove_temp_files
 from wsss.log import progress
 from wsss.models.segmenter import Segmenter, create_segmenter
-from wsss.training import (check_resumable, freeze_parameters, load_checkpoint, make_optimizer, memory_layout,
-                           poly_lr, resolve_device, save_checkpoint, set_train_mode, write_log_csv)
+from wsss.training import (barrier, check_resumable, distributed_loss, freeze_parameters, is_main, load_checkpoint,
+                           make_optimizer, memory_layout, poly_lr, rank_batches, rank_device, reduce_sum,
+                           resolve_device, save_checkpoint, set_train_mode, write_log_csv)
 
 if TYPE_CHECKING:
     from wsss.config import Config
@@ -169,7 +170,7 @@ def train_segmenter(cfg: TrainSegConfig, train_ds: Dataset, masks: MaskSource, o
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_temp_files(out_dir)
     save_config(cfg, out_dir / "config.yaml")
-    device = resolve_device(cfg.device)
+    device = rank_device(resolve_device(cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
@@ -177,6 +178,8 @@ def train_segmenter(cfg: TrainSegConfig, train_ds: Dataset, masks: MaskSource, o
     nhwc = model.prefers_channels_last if cfg.channels_last is None else cfg.channels_last
     layout = memory_layout(nhwc)
     model = model.to(device, memory_format=layout)
+    # frozen parameters are settled before the optimiser and DistributedDataParallel see the model
+    set_train_mode(model, model.backbone, model.stem_modules(), cfg.freeze_bn, cfg.freeze_stem)
     groups = model.param_groups(cfg.lr, cfg.head_lr_mult)
     opt = make_optimizer(groups, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16" and device.type == "cuda")
@@ -199,22 +202,22 @@ def train_segmenter(cfg: TrainSegConfig, train_ds: Dataset, masks: MaskSource, o
     meta = {"arch": cfg.arch, "spec": model.spec(), "num_classes": len(train_ds.classes), "classes": list(train_ds.classes),
             "mean": list(model.mean), "std": list(model.std), "resize_long": cfg.resize_long, "masks": cfg.masks}
     has_val = val_ds is not None and len(val_ds) > 0 and val_ds.has_masks
+    step = distributed_loss(model, lambda m, x, y: seg_loss(m(x), y), device, cfg.sync_bn)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         data.epoch = epoch
-        gen = torch.Generator().manual_seed(seed * 100003 + epoch)
-        loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                             drop_last=drop_last, num_workers=cfg.workers)
+        batches = rank_batches(len(data), cfg.batch_size, seed * 100003 + epoch, drop_last)
+        loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.workers)
         set_train_mode(model, model.backbone, model.stem_modules(), cfg.freeze_bn, cfg.freeze_stem)
         total, n = 0.0, 0
-        bar = progress(loader, desc=f"train-seg {epoch + 1}/{cfg.epochs}", unit="batch")
+        bar = progress(loader, desc=f"train-seg {epoch + 1}/{cfg.epochs}", unit="batch", disable=None if is_main() else True)
         for x, y in bar:
             for g in opt.param_groups:
                 g["lr"] = poly_lr(g["base_lr"], it, max_it, cfg.warmup_iters)
             x = x.to(device, non_blocking=True, memory_format=layout)
             y = y.to(device, non_blocking=True)
             with autocast(device, cfg.amp):
-                loss = seg_loss(model(x), y)
+                loss = step(x, y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -223,9 +226,13 @@ def train_segmenter(cfg: TrainSegConfig, train_ds: Dataset, masks: MaskSource, o
             total += float(loss.detach()) * len(x)
             n += len(x)
             bar.set_postfix(loss=f"{total / n:.4f}")
+        total, n = reduce_sum(total, n, device)
         if not math.isfinite(total):
             raise WsssError(f"train-seg: loss became {total} in epoch {epoch + 1}; lower train_seg.lr")
         row: dict[str, Any] = {"epoch": epoch + 1, "loss": round(total / max(n, 1), 5), "lr": round(opt.param_groups[0]["lr"], 7)}
+        if not is_main():  # rank 0 scores, checkpoints and logs; the others wait for it
+            barrier()
+            continue
         if has_val and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             model.eval()
             row["val_mIoU"] = evaluate_segmenter(model, val_ds, cfg.resize_long, device, cfg.amp)["mIoU"]
@@ -236,7 +243,10 @@ def train_segmenter(cfg: TrainSegConfig, train_ds: Dataset, masks: MaskSource, o
                                     "config": config_to_dict(cfg), "history": history, "meta": meta})
         write_log_csv(out_dir / "log.csv", history)
         log.info("train-seg epoch %d/%d: %s", epoch + 1, cfg.epochs, ", ".join(f"{k} {v}" for k, v in row.items() if k != "epoch"))
-    save_checkpoint(out_dir / "segmenter.pt", {"model": model.state_dict(), "meta": meta})
+        barrier()
+    if is_main():
+        save_checkpoint(out_dir / "segmenter.pt", {"model": model.state_dict(), "meta": meta})
+    barrier()
     return {"epochs": cfg.epochs, "iterations": it, "final": history[-1] if history else {}, "history": history}
 
 
@@ -286,10 +296,13 @@ def run_train_seg_stage(cfg: "Config", run_dir: str | Path, force: bool = False,
         return done
     old = read_manifest(out)
     if force or (old is not None and old.get("key") != stage_key("train-seg", chash, inputs)):
-        for name in ("checkpoint.pt", "segmenter.pt", "manifest.json"):
+        for name in ("checkpoint.pt", "segmenter.pt", "manifest.json") if is_main() else ():
             (out / name).unlink(missing_ok=True)
+    barrier()
     val = open_split(run_dir, cfg.data.val_split) if cfg.data.val_split else None
     summary = train_segmenter(c, train, masks, out, val, seed=cfg.run.seed, resume=resume)
+    if not is_main():  # under torchrun rank 0 writes the manifest
+        return StageOutcome({"stage": "train-seg", "outputs": {"final": {}}}, skipped=False)
     f = summary["final"]
     man = write_manifest(out, "train-seg", section, chash, inputs,
                          {"segmenter": "segmenter.pt", "log": "log.csv", "final": f}, started)
