@@ -308,10 +308,10 @@ def test_cli_train_seg_gt_predict_folder_and_eval(small_voc, tmp_path, run_cli):
     assert code == 0 and "up to date" in out
     code, out, err = run_cli("predict", "--masks", "gt", *args)
     assert code == 0, err
-    assert len(list((run / "predict" / "train").glob("*.png"))) == 8
-    code, out, err = run_cli("eval", "seg", *args)
+    assert len(list((run / "predict_gt" / "train").glob("*.png"))) == 8  # the ground-truth segmenter's folder
+    code, out, err = run_cli("eval", "seg", *args, "train_seg.masks=gt")
     assert code == 0, err
-    summary = json.loads((run / "predict" / "train" / "eval" / "summary.json").read_text())
+    summary = json.loads((run / "predict_gt" / "train" / "eval" / "summary.json").read_text())
     assert summary["images"] == 8 and 0 <= summary["mIoU"] <= 100
     code, out, err = run_cli("predict", "--model", run / "seg_gt" / "segmenter.pt", "--input", small_voc / "JPEGImages" / "i1.jpg",
                              "--out", tmp_path / "one")
