@@ -244,41 +244,42 @@ def _stage_setup(args: argparse.Namespace):
     return cfg, run_dir
 
 
-def _distributed_setup(args: argparse.Namespace, section: str):
-    """``_stage_setup`` for a training command, which may run under torchrun: join the process group
-    (when ``WORLD_SIZE`` > 1) and let rank 0 prepare the run directory first."""
+def _run_training(args: argparse.Namespace, section: str, stage_fn):
+    """Run a training stage ``stage_fn(cfg, run_dir, force=, resume=)``, also under torchrun: join the
+    process group (``WORLD_SIZE`` > 1), let rank 0 prepare the run directory first, and return
+    ``(cfg, run_dir, outcome)`` on rank 0, None on the other ranks."""
     from wsss.config import load_config
     from wsss.training import barrier, init_distributed, is_main
 
-    device = getattr(load_config(args.config, args.overrides), section).device
-    started = init_distributed(device)
-    if is_main():
-        setup = _stage_setup(args)
-    barrier()
-    if not is_main():
-        setup = _stage_setup(args)
-    return (*setup, started)
+    started = init_distributed(getattr(load_config(args.config, args.overrides), section).device)
+    main_rank = is_main()
+    try:
+        if main_rank:
+            cfg, run_dir = _stage_setup(args)
+        barrier()
+        if not main_rank:
+            cfg, run_dir = _stage_setup(args)
+        outcome = stage_fn(cfg, run_dir, force=args.force, resume=args.resume)
+    finally:
+        if started:
+            import torch.distributed as dist
 
-
-def _finish_distributed(started: bool) -> None:
-    if started:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+            dist.destroy_process_group()
+    return (cfg, run_dir, outcome) if main_rank else None
 
 
 def _cmd_train_cls(args: argparse.Namespace) -> int:
     from wsss.stages.train_cls import run_train_cls_stage
-    from wsss.training import is_main
 
-    cfg, run_dir, started = _distributed_setup(args, "train_cls")
-    main_rank = is_main()
-    try:
-        outcome = run_train_cls_stage(cfg, run_dir, force=args.force, resume=args.resume)
-    finally:
-        _finish_distributed(started)
-    if not main_rank:
+    res = _run_training(args, "train_cls", run_train_cls_stage)
+    if res is None:
         return 0
+    cfg, run_dir, outcome = res
+    final = outcome.manifest["outputs"].get("final", {})
+    state = "up to date" if outcome.skipped else "trained"
+    extras = ", ".join(f"{k} {v}" for k, v in final.items() if k.startswith("val_") or k == "loss")
+    print(f"train-cls: {state}; {extras} -> {run_dir / 'cls' / 'classifier.pt'}")
+    return 0
     final = outcome.manifest["outputs"].get("final", {})
     state = "up to date" if outcome.skipped else "trained"
     extras = ", ".join(f"{k} {v}" for k, v in final.items() if k.startswith("val_") or k == "loss")
@@ -455,18 +456,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_train_seg(args: argparse.Namespace) -> int:
     from wsss.stages.train_seg import run_train_seg_stage, seg_folder
-    from wsss.training import is_main
 
     if args.masks:
         args.overrides = [*args.overrides, f"train_seg.masks={args.masks}"]
-    cfg, run_dir, started = _distributed_setup(args, "train_seg")
-    main_rank = is_main()
-    try:
-        outcome = run_train_seg_stage(cfg, run_dir, force=args.force, resume=args.resume)
-    finally:
-        _finish_distributed(started)
-    if not main_rank:
+    res = _run_training(args, "train_seg", run_train_seg_stage)
+    if res is None:
         return 0
+    cfg, run_dir, outcome = res
+    final = outcome.manifest["outputs"].get("final", {})
+    state = "up to date" if outcome.skipped else "trained"
+    extras = ", ".join(f"{k} {v}" for k, v in final.items() if k in ("loss", "val_mIoU"))
+    print(f"train-seg: {state} on {cfg.train_seg.masks} masks; {extras} -> {run_dir / seg_folder(cfg.train_seg) / 'segmenter.pt'}")
+    return 0
     final = outcome.manifest["outputs"].get("final", {})
     state = "up to date" if outcome.skipped else "trained"
     extras = ", ".join(f"{k} {v}" for k, v in final.items() if k in ("loss", "val_mIoU"))

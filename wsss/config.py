@@ -419,9 +419,20 @@ def config_from_dict(raw: dict[str, Any], source: str | Path | None = None) -> C
         raise ConfigError(_format_validation_error(e, Config), source) from None
 
 
+#: Settings added after runs already existed, whose default reproduces the old behaviour: left out of
+#: dumps (and so of stage hashes) while at that default, so adding them does not invalidate finished stages.
+NEUTRAL_DEFAULTS: dict[str, Any] = {"sync_bn": False}
+
+
+def _drop_neutral(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_neutral(v) for k, v in obj.items() if not (k in NEUTRAL_DEFAULTS and v == NEUTRAL_DEFAULTS[k])}
+    return obj
+
+
 def config_to_dict(section: BaseModel) -> dict[str, Any]:
-    """JSON-compatible dict of a config object (paths as strings)."""
-    return section.model_dump(mode="json")
+    """JSON-compatible dict of a config object (paths as strings; neutral defaults left out)."""
+    return _drop_neutral(section.model_dump(mode="json"))
 
 
 def config_hash(obj: Any) -> str:

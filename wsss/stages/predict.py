@@ -105,6 +105,8 @@ def predict_items(model: "Segmenter", items: Sequence[tuple[str, Path]], out_dir
         (out_dir / "overlay").mkdir(exist_ok=True)
     device = resolve_device(cfg.device)
     model = model.to(device).eval()
+    if device.type == "cpu" and getattr(model, "prefers_channels_last", False):
+        model = model.to(memory_format=torch.channels_last)  # predict_probs feeds NHWC inputs on CPU
     todo = [(sid, p) for sid, p in items if not (skip_done and (out_dir / f"{sid}.png").is_file())]
     pending: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}
     bar = progress(total=len(todo), desc="predict", unit="img")
