@@ -15,13 +15,18 @@ from wsss.io import read_mask
 from wsss.camfile import load_cam
 
 
+# the whole pipeline runs in the module fixture (about 3 minutes on 2 quiet cores); a shared or
+# loaded machine can take several times longer than the suite's default per-test limit
+pytestmark = pytest.mark.timeout(1800)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     from wsss.cli import main
 
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
     code = main(["run", "configs/demo.yaml", f"run.out_dir={run_dir}", "data.synth.n_train=500", "data.synth.n_val=100",
-                 "train_cls.epochs=16", "cam.scales=[1.0, 0.5, 1.5]"])
+                 "train_cls.epochs=16", "cam.scales=[1.0, 0.5, 1.5]", "train_seg.epochs=10"])
     assert code == 0
     return run_dir
 
@@ -98,6 +103,6 @@ def test_rerun_is_up_to_date(demo_run, capsys):
     from wsss.cli import main
 
     code = main(["run", "configs/demo.yaml", f"run.out_dir={demo_run}", "data.synth.n_train=500", "data.synth.n_val=100",
-                 "train_cls.epochs=16", "cam.scales=[1.0, 0.5, 1.5]"])
+                 "train_cls.epochs=16", "cam.scales=[1.0, 0.5, 1.5]", "train_seg.epochs=10"])
     out = capsys.readouterr().out
     assert code == 0 and out.count("up to date") == 7, out
