@@ -423,14 +423,12 @@ def _cmd_eval_masks(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from wsss.gallery import mask_statistics, open_in_browser, write_gallery
+    from wsss.gallery import default_split, mask_statistics, open_in_browser, write_gallery
 
     if args.stats:
         from wsss.stages.data import open_split
 
-        from wsss.manifest import read_manifest
-
-        split = args.split or ((read_manifest(args.run_dir / "cam") or {}).get("config", {}).get("split", "train"))
+        split = args.split or default_split(args.run_dir)
         masks = args.masks or args.run_dir / "crf"
         if not masks.is_dir():
             raise WsssError("no pseudo-mask folder; run `wsss crf CONFIG` first or give --masks", masks)

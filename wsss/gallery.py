@@ -162,17 +162,21 @@ sort <select id=sort>{sorts}</select> <span id=count></span><div>{legend}</div><
 <div id=grid>{''.join(items)}</div><script>{_SCRIPT}</script></body></html>"""
 
 
+def default_split(run_dir: str | Path) -> str:
+    """The split a run's CAMs (and so its pseudo-masks) were made for."""
+    from wsss.manifest import read_manifest
+
+    return ((read_manifest(Path(run_dir) / "cam") or {}).get("config", {}).get("split", "train"))
+
+
 def write_gallery(run_dir: str | Path, split: str | None = None, out: str | Path | None = None, limit: int = 200) -> Path:
     """Build ``RUN/inspect/<split>/index.html`` (default split: the one the CAMs were extracted for)."""
-    from wsss.manifest import read_manifest
     from wsss.stages.data import open_split
 
     run_dir = Path(run_dir)
     if not (run_dir / "data" / "index.json").is_file():
         raise WsssError("not a wsss run directory (no data/index.json)", run_dir)
-    if split is None:
-        cam = read_manifest(run_dir / "cam")
-        split = (cam or {}).get("config", {}).get("split", "train")
+    split = split or default_split(run_dir)
     ds = open_split(run_dir, split)
     out = Path(out) if out else run_dir / "inspect" / split
     pred_dir = run_dir / "predict" / split

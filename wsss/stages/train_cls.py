@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss.config import TrainClsConfig, config_to_dict, save_config
+from wsss.config import TrainClsConfig, TrainCommon, config_to_dict, save_config
 from wsss.data.dataset import Dataset
 from wsss.data.transforms import ColorJitter, Compose, HFlip, RandomCrop, RandomScale, Resize, to_tensor
 from wsss.errors import WsssError, brief
@@ -99,7 +99,9 @@ def classification_loss(model: Classifier, x: torch.Tensor, y: torch.Tensor, hoo
     return loss
 
 
-def train_transform(cfg: TrainClsConfig) -> Compose:
+def train_transform(cfg: "TrainCommon", fill: tuple[int, int, int] | None = None) -> Compose:
+    """The training augmentation of both training stages: resize the long side, random scale, flip,
+    colour jitter, random crop (image padded with ``fill``, default the ImageNet mean; mask with 255)."""
     ts = []
     if cfg.resize_long:
         ts.append(Resize(long_side=cfg.resize_long))
@@ -110,7 +112,7 @@ def train_transform(cfg: TrainClsConfig) -> Compose:
         ts.append(HFlip(0.5))
     if cfg.color_jitter:
         ts.append(ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter))
-    ts.append(RandomCrop(cfg.crop_size))
+    ts.append(RandomCrop(cfg.crop_size) if fill is None else RandomCrop(cfg.crop_size, fill))
     return Compose(ts)
 
 

@@ -32,11 +32,12 @@ import torch.nn.functional as F
 
 from wsss.config import TrainSegConfig, config_to_dict, save_config
 from wsss.data.dataset import Dataset
-from wsss.data.transforms import ColorJitter, Compose, HFlip, RandomCrop, RandomScale, Resize, to_tensor
+from wsss.data.transforms import to_tensor
 from wsss.errors import DataError, WsssError, brief
 from wsss.io import IGNORE, read_mask, remove_temp_files
 from wsss.log import progress
 from wsss.models.segmenter import Segmenter, create_segmenter
+from wsss.stages.train_cls import train_transform
 from wsss.training import (barrier, check_resumable, distributed_loss, freeze_parameters, is_main, load_checkpoint,
                            make_optimizer, memory_layout, poly_lr, rank_batches, rank_device, reduce_sum,
                            resolve_device, save_checkpoint, set_train_mode, write_log_csv)
@@ -97,20 +98,6 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     that are not 255; exactly 0 (with a gradient) when every pixel is ignored (torch's mean gives NaN)."""
     total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
     return total / (target != IGNORE).sum().clamp(min=1)
-
-
-def train_transform(cfg: TrainSegConfig, fill: tuple[int, int, int]) -> Compose:
-    ts: list = []
-    if cfg.resize_long:
-        ts.append(Resize(long_side=cfg.resize_long))
-    if tuple(cfg.scale_range) != (1.0, 1.0):
-        ts.append(RandomScale(*cfg.scale_range))
-    if cfg.hflip:
-        ts.append(HFlip(0.5))
-    if cfg.color_jitter:
-        ts.append(ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter))
-    ts.append(RandomCrop(cfg.crop_size, fill))
-    return Compose(ts)
 
 
 def build_segmenter(cfg: TrainSegConfig, num_classes: int, pretrained: bool | str | None = None) -> Segmenter:
