@@ -58,8 +58,10 @@ def _stages() -> dict[str, Callable[[Config, Path, bool], StageOutcome | None]]:
     }
 
 
-def run(cfg: Config, from_stage: str | None = None, to_stage: str | None = None, force: tuple[str, ...] = ()) -> RunResult:
-    """Run the stages from ``from_stage`` to ``to_stage`` (inclusive) into ``cfg.run.out_dir``."""
+def run(cfg: Config, from_stage: str | None = None, to_stage: str | None = None, force: tuple[str, ...] = (),
+        report: bool = True) -> RunResult:
+    """Run the stages from ``from_stage`` to ``to_stage`` (inclusive) into ``cfg.run.out_dir``; then,
+    with ``report``, write the run report and gallery."""
     run_dir = Path(cfg.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -77,6 +79,8 @@ def run(cfg: Config, from_stage: str | None = None, to_stage: str | None = None,
             result.disabled.append(name)
             continue
         result.done.append((name, time.time() - t0, outcome.skipped))
+    if not report:
+        return result
     from wsss.report import write_report
     from wsss.stages.train_seg import seg_folder
 

@@ -118,3 +118,23 @@ def test_run_writes_report(tmp_path, run_cli):
     page = (run / "report.html").read_text()
     assert "pseudo-masks mIoU 61.5 on kept pixels, 80.0% kept" in page and "data:image/png;base64," in page
     assert "&lt;x&gt;" in render_html(rep | {"run": "<x>"})
+
+
+def test_report_leaves_out_a_disabled_stage(tmp_path, run_cli):
+    """An expand/ folder from an earlier `wsss expand` is not reported when the run switched expand off."""
+    import shutil
+
+    import yaml
+
+    from wsss.report import write_report
+
+    run = _tiny_run(tmp_path, run_cli)
+    shutil.copytree(run / "cam", run / "expand")
+    (run / "eval").mkdir()
+    (run / "eval" / "summary.json").write_text('{"expand": {"mIoU": 50.0, "best_threshold": 0.3, "fg_precision": 60.0, "fg_recall": 55.0}, "crf": {"mIoU": 61.5, "kept_share": 80.0}}')
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    for enabled, stages in ((False, ["data", "cam"]), (True, ["data", "cam", "expand"])):
+        cfg["expand"]["enabled"] = enabled
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        rep = write_report(run)
+        assert [s["stage"] for s in rep["stages"]] == stages and ("expand" in rep["metrics"]) == enabled

@@ -1,10 +1,12 @@
 """Kill tests: `wsss run` on a small synthetic config, SIGKILLed in the middle of each stage at random
-points, then re-run; the final pseudo-masks and predictions must be byte-identical to an uninterrupted
-run's, and no temp file may survive. Slow (several full runs): `make test-slow`."""
+points, then re-run; the final pseudo-masks, predictions and metrics must be identical to an
+uninterrupted run's (also the determinism check: every re-run is an independent run of the same seed),
+and no temp file may survive. Slow (several full runs): `make test-slow`."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -18,10 +20,11 @@ import pytest
 pytestmark = pytest.mark.slow
 
 OVERRIDES = ["data.synth.n_train=120", "data.synth.n_val=30", "train_cls.epochs=3", "cam.scales=[1.0, 0.5]",
-             "train_seg.epochs=3", "run.gallery_images=0"]
+             "expand.enabled=true", "expand.epochs=1", "train_seg.epochs=3", "run.gallery_images=0"]
 
 # stage -> (folder, files whose appearance marks "in the middle of it")
-PROGRESS = {"data": ("data", ".synth.*/JPEGImages/*.jpg"), "train-cls": ("cls", "checkpoint.pt"), "cam": ("cam", "*.npz"), "crf": ("crf", "*.png"),
+PROGRESS = {"data": ("data", ".synth.*/JPEGImages/*.jpg"), "train-cls": ("cls", "checkpoint.pt"), "cam": ("cam", "*.npz"),
+            "expand": ("expand/round_1/cam", "*.npz"), "crf": ("crf", "*.png"),
             "train-seg": ("seg", "checkpoint.pt"), "predict": ("predict/val", "*.png")}
 
 
@@ -37,17 +40,18 @@ def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.png"))}
 
 
-def _finals(run_dir: Path) -> tuple[dict, dict]:
-    return _digest(run_dir / "crf"), _digest(run_dir / "predict" / "val")
+def _finals(run_dir: Path) -> tuple[dict, dict, dict]:
+    metrics = json.loads((run_dir / "eval" / "summary.json").read_text())
+    return _digest(run_dir / "crf"), _digest(run_dir / "predict" / "val"), metrics
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[dict, dict]:
+def reference(tmp_path_factory) -> tuple[dict, dict, dict]:
     run_dir = tmp_path_factory.mktemp("ref") / "run"
     subprocess.run(_cmd(run_dir), check=True, env=_env(), timeout=900, capture_output=True)
-    crf, pred = _finals(run_dir)
-    assert len(crf) == 120 and len(pred) == 30
-    return crf, pred
+    finals = _finals(run_dir)
+    assert len(finals[0]) == 120 and len(finals[1]) == 30
+    return finals
 
 
 @pytest.mark.parametrize("stage", list(PROGRESS))
@@ -73,8 +77,9 @@ def test_sigkill_mid_stage_then_rerun_gives_identical_masks(stage, reference, tm
     assert not (run_dir / "eval" / "manifest.json").exists()
     done = subprocess.run(_cmd(run_dir), env=_env(), timeout=900, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    crf, pred = _finals(run_dir)
+    crf, pred, metrics = _finals(run_dir)
     assert crf == reference[0], f"pseudo-masks differ after a kill in {stage}"
     assert pred == reference[1], f"predictions differ after a kill in {stage}"
+    assert metrics == reference[2], f"metrics differ after a kill in {stage}"
     leftovers = [*run_dir.rglob(".*.tmp*"), *(run_dir / "data").glob(".synth.*")]
     assert not leftovers, leftovers

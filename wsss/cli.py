@@ -63,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--from", dest="from_stage", help="first stage to run")
     run.add_argument("--to", dest="to_stage", help="last stage to run")
     run.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run STAGE and everything after it")
-    run.add_argument("--flow", choices=["standard", "fully-supervised"], default="standard",
+    run.add_argument("--flow", choices=["standard", "fully-supervised", "ablation"], default="standard",
                      help="standard: the weakly-supervised pipeline; fully-supervised: the same segmenter recipe on "
-                          "ground-truth masks (the upper bound; RUN/seg_gt, RUN/predict_gt)")
+                          "ground-truth masks (the upper bound; RUN/seg_gt, RUN/predict_gt); ablation: plain CAM vs "
+                          "each expansion variant x each CRF mode, tabulated in RUN/ablation (section `ablation`)")
     _overrides(run)
 
     tc = sub.add_parser("train-cls", help="train the multi-label classifier from image-level labels")
@@ -199,15 +200,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from wsss.config import load_config
     from wsss.errors import ConfigError
 
+    stages = ("ablation",) if args.flow == "ablation" else STAGE_ORDER
     for s in [args.from_stage, args.to_stage, *args.force]:
-        if s is not None and s not in STAGE_ORDER:
-            raise ConfigError(f"unknown stage '{s}' (stages: {', '.join(STAGE_ORDER)})")
+        if s is not None and s not in stages:
+            raise ConfigError(f"unknown stage '{s}' for the {args.flow} flow (stages: {', '.join(stages)})")
     cfg = load_config(args.config, args.overrides)
+    if args.flow != "standard" and (args.from_stage or args.to_stage):
+        raise ConfigError("--from/--to apply to the standard flow only")
+    if args.flow == "ablation":
+        from pipelines import ablation
+
+        res = ablation.run(cfg, force=bool(args.force))
+        print(res.table, end="")
+        print(f"best CAM mIoU: {res.best}; table: {res.run_dir / 'ablation' / 'table.md'}")
+        return 0
     if args.flow == "fully-supervised":
         from pipelines import fully_supervised
 
-        if args.from_stage or args.to_stage:
-            raise ConfigError("--from/--to apply to the standard flow only")
         res = fully_supervised.run(cfg, tuple(args.force))
         for name, secs, skipped in res.done:
             print(f"  {name:<10} {'up to date' if skipped else 'done':<11} {secs:8.1f}")
@@ -525,6 +534,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def error_line(e: BaseException) -> str:
+    """The one line to print for a user-facing error. An error raised in a DataLoader worker comes back
+    wrapped with the worker's traceback; keep only its own message."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
+    return "; ".join(ln.strip() for ln in text.splitlines() if ln.strip()) or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from wsss.log import setup_logging
 
@@ -570,8 +589,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     except WsssError as e:
-        print(f"wsss: error: {e}", file=sys.stderr)
+        print(f"wsss: error: {error_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("wsss: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the environment (permissions, a full disk, a lost mount), not a bug: one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"wsss: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1

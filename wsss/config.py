@@ -311,6 +311,20 @@ class RunConfig(Section):
     gallery_images: int = Field(100, ge=0, description="`wsss run` ends with a gallery of this many images (0 = none)")
 
 
+class AblationConfig(Section):
+    """The ablation flow (`wsss run CONFIG --flow ablation`): expansion and CRF variants on one run's
+    classifier and CAMs, tabulated. Scores against ground truth, so the split needs masks."""
+
+    variants: list[str] = Field(default_factory=lambda: ["plain", "erasing", "hide_and_seek", "acol", "mixup"], min_length=1,
+                                description="expansion variants: a registered method, or methods joined with + "
+                                            "(e.g. hide_and_seek+acol); 'plain' = fine-tuning alone, the control")
+    combine_best: bool = Field(True, description="also run the combination of the two single methods with the best CAM mIoU")
+    crf_modes: list[Literal["probability", "confidence"]] = Field(default_factory=lambda: ["confidence", "probability"],
+                                                                   description="CRF modes applied to every variant's maps (other CRF settings: `crf`)")
+    images: int | None = Field(None, ge=1, description="use only the first N images of `cam.split` (by id), for fine-tuning, "
+                                                       "extraction and scoring alike; null = all")
+
+
 class Config(Section):
     """The whole pipeline configuration; one section per stage."""
 
@@ -323,6 +337,7 @@ class Config(Section):
     train_seg: TrainSegConfig = Field(default_factory=TrainSegConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    ablation: AblationConfig = Field(default_factory=AblationConfig)
 
 
 # --------------------------------------------------------------------------------------------------

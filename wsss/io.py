@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from wsss.errors import DataError, ImageReadError
+from wsss.errors import DataError, ImageReadError, WsssError, brief
 
 IGNORE = 255
 
@@ -44,17 +44,22 @@ def voc_palette(n: int = 256) -> np.ndarray:
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``, on error delete it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp" + path.suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp" + path.suffix, dir=path.parent)
+    except OSError as e:
+        raise WsssError(f"cannot write here ({e.strerror or brief(e)})", path.parent) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs should be readable
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(e, OSError):  # a full disk, a lost mount: name the file, no traceback
+            raise WsssError(f"cannot write ({e.strerror or brief(e)})", path) from e
         raise
 
 

@@ -52,10 +52,13 @@ def _num(v: str) -> Any:
 def collect(run_dir: str | Path, seg_folder: str = "seg", split: str = "val") -> dict[str, Any]:
     """Everything the report shows, read from ``run_dir``."""
     run_dir = Path(run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
+    # an expand/ folder left by an earlier `wsss expand` is not part of a run that has the stage switched off
+    disabled = {"expand"} if config and not config.get("expand", {}).get("enabled", True) else set()
     stages = []
     for stage, folder in STAGE_FOLDERS:
         folder = folder.format(seg=seg_folder, split=split, pred="predict" if seg_folder == "seg" else "predict_gt")
-        man = read_manifest(run_dir / folder)
+        man = None if stage in disabled else read_manifest(run_dir / folder)
         if man is None:
             continue
         stages.append({"stage": stage, "folder": folder, "seconds": man.get("wall_time_s"), "finished": man.get("finished"),
@@ -67,8 +70,8 @@ def collect(run_dir: str | Path, seg_folder: str = "seg", split: str = "val") ->
         metrics["seg_gt"] = {k: v for k, v in read_json(ref).items() if k != "kept_share"} | {"split": split}
         if "seg" in metrics and metrics["seg_gt"]["mIoU"]:
             metrics["ratio"] = round(metrics["seg"]["mIoU"] / metrics["seg_gt"]["mIoU"], 3)
-    sweeps = {name: _read_csv(run_dir / name / "eval" / "sweep.csv") for name in ("cam", "expand")}
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
+    sweeps = {name: _read_csv(run_dir / name / "eval" / "sweep.csv") for name in ("cam", "expand") if name not in disabled}
+    metrics = {k: v for k, v in metrics.items() if k not in disabled}
     return {"run": run_dir.name, "config": config, "stages": stages, "metrics": metrics,
             "curves": {"cls": _read_csv(run_dir / "cls" / "log.csv"), "seg": _read_csv(run_dir / seg_folder / "log.csv")},
             "sweeps": {k: v for k, v in sweeps.items() if v}}

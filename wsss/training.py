@@ -41,7 +41,10 @@ def memory_layout(channels_last: bool) -> torch.memory_format:
 def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
     """``torch.save`` through a temp file + rename: a killed run never leaves half a checkpoint."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:  # torch reports a failed write (a full disk) as a RuntimeError
+            raise WsssError(f"cannot write the checkpoint ({brief(e)})", path) from e
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -93,6 +96,14 @@ def make_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def load_resume_checkpoint(path: Path) -> dict[str, Any]:
+    """An interrupted run's ``checkpoint.pt``; when it cannot be read, say how to start over."""
+    try:
+        return load_checkpoint(path)
+    except WsssError as e:
+        raise WsssError(f"{str(e).removeprefix(f'{path}: ')} (use --no-resume or --force to start over)", path) from None
 
 
 def check_resumable(checkpoint: dict[str, Any], current: dict[str, Any], section: str, free: set[str], path: Path) -> None:

@@ -38,7 +38,7 @@ from wsss.io import IGNORE, read_mask, remove_temp_files
 from wsss.log import progress
 from wsss.models.segmenter import Segmenter, create_segmenter
 from wsss.stages.train_cls import train_transform
-from wsss.training import (barrier, check_resumable, distributed_loss, freeze_parameters, is_main, load_checkpoint,
+from wsss.training import (load_resume_checkpoint, barrier, check_resumable, distributed_loss, freeze_parameters, is_main, load_checkpoint,
                            make_optimizer, memory_layout, poly_lr, rank_batches, rank_device, reduce_sum,
                            resolve_device, save_checkpoint, set_train_mode, write_log_csv)
 
@@ -58,7 +58,17 @@ def pseudo_mask_source(ds: Dataset, mask_dir: str | Path) -> MaskSource:
     if missing:
         raise DataError(f"{len(missing)} of {len(ds)} training images have no pseudo-mask (first: {missing[0]}.png); "
                         f"run `wsss crf CONFIG` first", mask_dir)
-    return lambda i: read_mask(mask_dir / f"{ds[i].id}.png")
+    k = len(ds.classes)
+
+    def read(i: int) -> np.ndarray:
+        path = mask_dir / f"{ds[i].id}.png"
+        mask = read_mask(path)
+        bad = (mask >= k) & (mask != IGNORE)
+        if bad.any():
+            raise DataError(f"pseudo-mask has class id {int(mask[bad][0])} outside 0..{k - 1} (255 = ignore)", path)
+        return mask
+
+    return read
 
 
 def gt_mask_source(ds: Dataset) -> MaskSource:
@@ -178,7 +188,7 @@ def train_segmenter(cfg: TrainSegConfig, train_ds: Dataset, masks: MaskSource, o
     start_epoch, it, history = 0, 0, []
     ckpt_path = out_dir / "checkpoint.pt"
     if resume and ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path)
+        ck = load_resume_checkpoint(ckpt_path)
         check_resumable(ck, config_to_dict(cfg), "train_seg", {"epochs", "device", "workers", "threads", "eval_every"}, ckpt_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])

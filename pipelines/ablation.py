@@ -1,0 +1,196 @@
+"""The ablation flow: plain CAM vs each expansion variant (and the best combination), each refined by
+every configured CRF mode, tabulated.
+
+Built from the public stage functions only: the standard flow brings ``data``, ``train-cls`` and
+``cam`` up to date, then for every variant :func:`wsss.stages.expand.run_expand` fine-tunes the run's
+classifier and extracts maps, :func:`wsss.stages.crf.run_crf` makes pseudo-masks, and the maps and
+masks are scored against ground truth. Layout::
+
+    RUN/ablation/config.yaml             resolved config of this ablation
+    RUN/ablation/<variant>/<id>.npz      expanded maps (stage-2 format); round_<r>/ as in `wsss expand`
+    RUN/ablation/<variant>/crf_<mode>/   pseudo-masks of that CRF mode
+    RUN/ablation/<variant>/result.json   the variant's row (written last: a finished variant is reused)
+    RUN/ablation/cam/                    rows for the stage-2 maps (their CRF masks; the maps stay in RUN/cam)
+    RUN/ablation/table.md|csv, ablation.json
+
+Every variant fine-tunes for the same ``expand.epochs`` (per round for erasing) at the same learning
+rate, so ``plain`` (fine-tuning alone) is the control at equal cost. A killed ablation resumes: finished
+variants are reused, an unfinished one continues from its checkpoints and files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.standard import run as run_standard
+from wsss.config import Config, config_hash, config_to_dict, save_config
+from wsss.data.dataset import Dataset
+from wsss.errors import ConfigError, DataError
+from wsss.expand import create_expand_methods
+from wsss.io import read_json, write_json, write_text
+from wsss.manifest import prepare_output_folder, read_manifest, stage_key, write_manifest
+from wsss.stages.crf import crf_jobs, evaluate_masks, run_crf
+from wsss.stages.data import open_split
+from wsss.stages.eval import evaluate_cam_folder
+from wsss.stages.expand import run_expand
+from wsss.training import resolve_device
+
+log = logging.getLogger(__name__)
+
+BASELINE = "cam"
+
+
+@dataclass
+class AblationResult:
+    run_dir: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    table: str = ""
+    best: str = BASELINE
+
+
+def variant_methods(variant: str) -> list[str]:
+    """``"a+b"`` -> ``["a", "b"]``; names are checked against the registry (the error lists valid ones)."""
+    methods = [m.strip() for m in variant.split("+")]
+    if not all(methods):
+        raise ConfigError(f"ablation.variants: empty method name in '{variant}'")
+    return methods
+
+
+def ablation_split(cfg: Config, run_dir: Path) -> Dataset:
+    """``cam.split``, cut to the first ``ablation.images`` ids; must have ground-truth masks."""
+    ds = open_split(run_dir, cfg.cam.split)
+    if not ds.has_masks:
+        raise DataError(f"the ablation scores against ground truth, and split '{ds.split}' has no masks", ds.root)
+    if cfg.ablation.images is not None and cfg.ablation.images < len(ds):
+        ds = ds.subset(sorted(s.id for s in ds)[: cfg.ablation.images])
+    return ds
+
+
+def score_row(name: str, cam_dir: Path, out: Path, ds: Dataset, full: Dataset, cfg: Config) -> dict[str, Any]:
+    """CAM mIoU at the best threshold with foreground precision/recall, then pseudo-mask mIoU and kept
+    share for each CRF mode (masks in ``out/crf_<mode>/``). ``ds``: the images scored, a part of
+    ``full`` (the split ``cam_dir`` was made for)."""
+    sweep = evaluate_cam_folder(cam_dir, ds, cfg.eval.thresholds)
+    b = sweep.best_index
+    row: dict[str, Any] = {"variant": name, "mIoU": round(100 * sweep.best_miou, 2), "threshold": sweep.best_threshold,
+                           "fg_precision": round(100 * float(sweep.precision[b]), 2),
+                           "fg_recall": round(100 * float(sweep.recall[b]), 2),
+                           "sweep": {"thresholds": [float(t) for t in sweep.thresholds],
+                                     "fg_precision": [round(100 * float(v), 2) for v in sweep.precision],
+                                     "fg_recall": [round(100 * float(v), 2) for v in sweep.recall]}}
+    for mode in cfg.ablation.crf_modes:
+        mask_dir = out / f"crf_{mode}"
+        mask_dir.mkdir(parents=True, exist_ok=True)
+        jobs, _ = crf_jobs(ds, cam_dir, mask_dir, split=full)
+        t0 = time.perf_counter()
+        run_crf(jobs, cfg.crf.model_copy(update={"mode": mode}), ds.num_classes, desc=f"crf {mode} {name}")
+        res = evaluate_masks(mask_dir, ds)
+        row[f"{mode}_mIoU"] = res["mIoU"]
+        row[f"{mode}_kept"] = res["kept_share"]
+        row[f"{mode}_s"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def _variants(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
+    """The configured variants plus, with ``combine_best``, the two best single methods joined."""
+    names = list(dict.fromkeys(cfg.ablation.variants))
+    if cfg.ablation.combine_best:
+        singles = [r for r in rows if r["variant"] in names and "+" not in r["variant"] and r["variant"] != "plain"
+                   and r["variant"] != BASELINE]
+        if len(singles) >= 2:
+            a, b = sorted(singles, key=lambda r: -r["mIoU"])[:2]
+            combo = "+".join(sorted([a["variant"], b["variant"]]))
+            if combo not in names:
+                names.append(combo)
+    return names
+
+
+def render_table(rows: list[dict[str, Any]], modes: list[str]) -> str:
+    base = rows[0]["mIoU"]
+    head = ["variant", "CAM mIoU", "Δ vs CAM", "threshold", "fg precision", "fg recall"]
+    for m in modes:
+        head += [f"{m} CRF mIoU", f"{m} kept %"]
+    head += ["fine-tuning s", "extraction s"]
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["variant"], f"{r['mIoU']:.1f}", f"{r['mIoU'] - base:+.1f}", f"{r['threshold']:.2f}",
+                 f"{r['fg_precision']:.1f}", f"{r['fg_recall']:.1f}"]
+        for m in modes:
+            cells += [f"{r[f'{m}_mIoU']:.1f}", f"{r[f'{m}_kept']:.1f}"]
+        cells += [f"{r['finetune_s']:.0f}", "" if r["extract_s"] is None else f"{r['extract_s']:.0f}"]
+        md.append("| " + " | ".join(cells) + " |")
+    return "\n".join(md) + "\n"
+
+
+def run(cfg: Config, force: bool = False) -> AblationResult:
+    """Run the ablation into ``RUN/ablation/`` (``force``: discard earlier ablation results)."""
+    for v in cfg.ablation.variants:
+        methods = variant_methods(v)
+        create_expand_methods(methods, cfg.expand)  # unknown names fail here, before any training
+    started = time.time()
+    std = run_standard(cfg, to_stage="cam", report=False)
+    run_dir = std.run_dir
+    out = run_dir / "ablation"
+    cls_man, cam_man = read_manifest(run_dir / "cls"), read_manifest(run_dir / "cam")
+    # variants and crf_modes only add rows: changing them keeps the rows already made
+    section = {"ablation": {k: v for k, v in config_to_dict(cfg.ablation).items() if k not in ("variants", "crf_modes", "combine_best")},
+               "expand": config_to_dict(cfg.expand), "train_cls": config_to_dict(cfg.train_cls), "cam": config_to_dict(cfg.cam),
+               "crf": config_to_dict(cfg.crf), "eval": config_to_dict(cfg.eval), "seed": cfg.run.seed}
+    chash = config_hash(section)
+    inputs = {"classifier": cls_man["key"], "cam": cam_man["key"]}
+    prepare_output_folder(out, stage_key("ablation", chash, inputs), force, "*/", "table.*", "ablation.json")
+    save_config(cfg, out / "config.yaml")
+    ds = ablation_split(cfg, run_dir)
+    full = open_split(run_dir, cfg.cam.split)
+    val = open_split(run_dir, cfg.data.val_split) if cfg.data.val_split else None
+    device = resolve_device(cfg.cam.device)
+    log.info("ablation: %d images of '%s', variants %s, CRF modes %s -> %s", len(ds), ds.split,
+             ", ".join(cfg.ablation.variants), ", ".join(cfg.ablation.crf_modes), out)
+
+    def finished(folder: Path) -> dict[str, Any] | None:
+        row = read_json(folder / "result.json") if (folder / "result.json").is_file() else None
+        if row is not None and all(f"{m}_mIoU" in row for m in cfg.ablation.crf_modes):
+            return row
+        return None
+
+    base_dir = out / BASELINE
+    row = finished(base_dir)
+    if row is None:
+        row = {**score_row("CAM (stage 2)", run_dir / "cam", base_dir, ds, full, cfg), "finetune_s": 0.0, "extract_s": None}
+        write_json(base_dir / "result.json", row)
+    rows = [row]
+    i = 0
+    while i < len(names := _variants(cfg, rows)):
+        variant = names[i]
+        i += 1
+        folder = out / variant
+        row = finished(folder)
+        if row is None:
+            vcfg = cfg.model_copy(update={"expand": cfg.expand.model_copy(update={"methods": variant_methods(variant)})})
+            log.info("ablation: variant %s (%d of %d)", variant, i, len(names))
+            rep = run_expand(vcfg, ds, val, run_dir / "cls" / "classifier.pt", run_dir / "cam", folder, device)
+            row = {**score_row(variant, folder, folder, ds, ds, cfg), "finetune_s": rep["finetune_s"],
+                   "extract_s": rep["extract_s"], "rounds": len(rep["rounds"])}
+            write_json(folder / "result.json", row)
+        rows.append(row)
+        log.info("ablation: %s: CAM mIoU %.1f (%+.1f vs CAM), fg precision %.1f, recall %.1f", variant, row["mIoU"],
+                 row["mIoU"] - rows[0]["mIoU"], row["fg_precision"], row["fg_recall"])
+    table = render_table(rows, list(cfg.ablation.crf_modes))
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "sweep"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(out / "table.csv", buf.getvalue())
+    write_text(out / "table.md", table)
+    best = max(rows, key=lambda r: r["mIoU"])["variant"]
+    write_json(out / "ablation.json", {"images": len(ds), "split": ds.split, "rows": rows, "best": best})
+    write_manifest(out, "ablation", section, chash, inputs, {"images": len(ds), "variants": [r["variant"] for r in rows], "best": best},
+                   started)
+    return AblationResult(run_dir, rows, table, best)

@@ -1,0 +1,261 @@
+"""Faults injected into a finished tiny run: bad CAM files, bad pseudo-masks, bad checkpoints, an output
+folder that cannot be written, a disk that fills up mid-stage. Each must end in one line naming the file
+or key and a non-zero exit, leave no temp file, and let a re-run (once the fault is gone) finish with the
+same outputs as a run that never failed. Also: two runs with the same seed are bit-identical on CPU."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsss.camfile import load_cam
+from wsss.io import write_palette_png
+
+TINY = ["data.synth.n_train=16", "data.synth.n_val=6", "data.synth.size=64", "train_cls.epochs=1", "train_cls.crop_size=64",
+        "cam.scales=[1.0]", "train_seg.epochs=1", "train_seg.crop_size=64", "run.gallery_images=0", "crf.workers=1"]
+
+
+def _args(run_dir: Path, *extra: str) -> list[str]:
+    return ["configs/demo.yaml", f"run.out_dir={run_dir}", *TINY, *extra]
+
+
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("wsss: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err, err
+    return lines[0]
+
+
+def _digests(folder: Path, pattern: str = "*.png") -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob(pattern))}
+
+
+def _temp_files(run_dir: Path) -> list[Path]:
+    return list(run_dir.rglob(".*.tmp*"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    from wsss.cli import main
+
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    assert main(["run", *_args(run_dir)]) == 0
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(tiny_run, dst)
+    # the copy's configs point at the original folder only through run.out_dir, which every command overrides
+    return dst
+
+
+def _first_cam(run_dir: Path) -> Path:
+    return sorted((run_dir / "cam").glob("*.npz"))[0]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("fault,needle", [
+    ("shape", "shape"), ("nan", "NaN"), ("negative", "values must be in [0, 1]"), ("size", "differs from its image"),
+    ("classes", "outside 1..4"), ("garbage", "not a wsss CAM file"),
+])
+def test_bad_cam_file_stops_crf_with_one_line(run_copy, run_cli, fault, needle, workers):
+    path = _first_cam(run_copy)
+    classes, cam = load_cam(path)
+    if fault == "shape":
+        cam = np.concatenate([cam, cam])  # two maps for one class list
+    elif fault == "nan":
+        cam[0, 0, 0] = np.nan
+    elif fault == "negative":
+        cam[0, 0, 0] = -0.5
+    elif fault == "size":
+        cam = cam[:, :-3]
+    elif fault == "classes":
+        classes = np.full_like(classes, 9)
+    if fault == "garbage":
+        path.write_bytes(b"not an npz")
+    else:
+        np.savez(path, classes=classes.astype(np.int16), cam=cam.astype(np.float16))
+    code, out, err = run_cli("crf", *_args(run_copy, f"crf.workers={workers}"), "--force")
+    assert code == 1
+    line = _one_line(err)
+    assert path.name in line and needle in line, line
+    assert not _temp_files(run_copy)
+    assert not (run_copy / "crf" / "manifest.json").exists()
+
+
+def test_bad_cam_file_stops_eval_cam(run_copy, run_cli):
+    path = _first_cam(run_copy)
+    classes, cam = load_cam(path)
+    cam[0, 1, 1] = np.inf
+    np.savez(path, classes=classes.astype(np.int16), cam=cam.astype(np.float16))
+    code, out, err = run_cli("eval", "cam", *_args(run_copy), "--cams", run_copy / "cam")
+    assert code == 1 and path.name in _one_line(err) and "NaN or infinite" in err
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_pseudo_mask_with_out_of_range_ids_stops_train_seg(run_copy, run_cli, workers):
+    png = sorted((run_copy / "crf").glob("*.png"))[3]
+    mask = np.array(Image.open(png))
+    mask[:2, :2] = 9  # 4 classes + background: ids 0..4
+    write_palette_png(png, mask)
+    code, out, err = run_cli("train-seg", *_args(run_copy, f"train_seg.workers={workers}"), "--force")
+    assert code == 1
+    line = _one_line(err)
+    assert png.name in line and "class id 9 outside 0..4" in line, line
+    code, out, err = run_cli("eval", "masks", *_args(run_copy))
+    assert code == 1 and png.name in _one_line(err) and "outside 0..4" in err
+
+
+def test_truncated_classifier(run_copy, run_cli):
+    ck = run_copy / "cls" / "classifier.pt"
+    ck.write_bytes(ck.read_bytes()[:5000])
+    code, out, err = run_cli("cam", *_args(run_copy), "--force")
+    assert code == 1
+    line = _one_line(err)
+    assert "classifier.pt" in line and "cannot load checkpoint" in line
+
+
+def test_truncated_training_checkpoint_names_the_way_out(run_copy, run_cli):
+    """A half-written checkpoint cannot come from wsss (writes are atomic), but a copy can be cut short."""
+    ck = run_copy / "seg" / "checkpoint.pt"
+    shutil.copyfile(run_copy / "seg" / "segmenter.pt", ck) if not ck.exists() else None
+    ck.write_bytes(ck.read_bytes()[:3000])
+    (run_copy / "seg" / "manifest.json").unlink()
+    code, out, err = run_cli("train-seg", *_args(run_copy))
+    assert code == 1
+    line = _one_line(err)
+    assert "checkpoint.pt" in line and "cannot load checkpoint" in line and "--no-resume" in line, line
+
+
+def test_classifier_from_another_backbone(run_copy, run_cli):
+    ck = run_copy / "cls" / "classifier.pt"
+    obj = torch.load(ck, weights_only=True)
+    obj["meta"]["backbone"] = "resnet18"
+    torch.save(obj, ck)
+    code, out, err = run_cli("cam", *_args(run_copy), "--force")
+    assert code == 1
+    line = _one_line(err)
+    assert "classifier.pt" in line and "do not fit backbone 'resnet18'" in line
+
+
+def test_classifier_given_as_segmenter(run_copy, run_cli, tmp_path):
+    img = next((run_copy / "data" / "synth" / "JPEGImages").glob("*.jpg"))
+    code, out, err = run_cli("predict", "--model", run_copy / "cls" / "classifier.pt", "--input", img, "--out", tmp_path / "p")
+    assert code == 1 and "not a wsss segmenter file" in _one_line(err)
+
+
+def test_checkpoint_with_pickled_code_is_refused(run_copy, run_cli):
+    """weights_only=True: a checkpoint that would run code on load is refused, and the code never runs."""
+    marker = run_copy / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"model": Evil(), "meta": {}}, run_copy / "cls" / "classifier.pt")
+    code, out, err = run_cli("cam", *_args(run_copy), "--force")
+    assert code == 1 and "cannot load checkpoint" in _one_line(err)
+    assert not marker.exists()
+
+
+def test_output_folder_not_writable(run_cli, tmp_path):
+    # /sys refuses new folders even to root (tests may run as root, where chmod does not protect)
+    code, out, err = run_cli("run", *_args(Path("/sys/wsss-test-run")))
+    assert code == 1
+    line = _one_line(err)
+    assert "/sys/wsss-test-run" in line
+
+
+def test_output_file_not_writable(run_copy, run_cli):
+    """A path in the way (a file where the stage folder should be)."""
+    shutil.rmtree(run_copy / "crf")
+    (run_copy / "crf").write_text("in the way")
+    code, out, err = run_cli("crf", *_args(run_copy))
+    assert code == 1 and "crf" in _one_line(err)
+
+
+def test_disk_full_mid_crf_then_rerun_matches(run_copy, run_cli, tiny_run, monkeypatch):
+    """The 4th PNG write fails with ENOSPC: one line naming it, no temp or partial file; after the disk
+    is 'freed', a re-run resumes and every mask equals the uninterrupted run's."""
+    reference = _digests(tiny_run / "crf")
+    shutil.rmtree(run_copy / "crf")
+    real_save = Image.Image.save
+    calls = {"n": 0}
+
+    def failing_save(self, fp, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            Path(fp).write_bytes(b"\x89PNG half")  # the bytes that made it before the disk filled up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    code, out, err = run_cli("crf", *_args(run_copy))
+    assert code == 1
+    line = _one_line(err)
+    assert "No space left on device" in line and ".png" in line, line
+    assert not _temp_files(run_copy)
+    assert len(list((run_copy / "crf").glob("*.png"))) == 3
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    code, out, err = run_cli("crf", *_args(run_copy))
+    assert code == 0, err
+    assert _digests(run_copy / "crf") == reference
+
+
+def test_disk_full_while_saving_a_checkpoint(run_copy, run_cli, monkeypatch):
+    def failing_save(obj, f, *a, **k):
+        Path(f).write_bytes(b"PK half")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0: file write failed")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    code, out, err = run_cli("train-cls", *_args(run_copy), "--force")
+    assert code == 1
+    line = _one_line(err)
+    assert "checkpoint.pt" in line and "file write failed" in line, line
+    assert not _temp_files(run_copy)
+    assert not (run_copy / "cls" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("crf.fg_treshold=0.3", "unknown config key 'crf.fg_treshold'"),
+    ("train_cls.epochs=ten", "config key 'train_cls.epochs'"),
+    ("crf.fg_threshold=1.5", "config key 'crf.fg_threshold': Input should be less than or equal to 1"),
+    ("cam.scales=[]", "config key 'cam.scales'"),
+])
+def test_config_faults_exit_2_naming_the_key(run_cli, tmp_path, override, needle):
+    code, out, err = run_cli("run", *_args(tmp_path / "run", override))
+    assert code == 2
+    assert needle in _one_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_split_id_cannot_escape_the_dataset(run_cli, tmp_path):
+    from tests.conftest import make_voc
+
+    root = make_voc(tmp_path / "voc", {"a": ("cat", (20, 20))})
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("a\n../../../etc/passwd\n")
+    code, out, err = run_cli("data", "check", root)
+    assert code == 1 and "etc/passwd" in _one_line(err)
+
+
+def test_same_seed_twice_gives_identical_masks_and_metrics(tiny_run, tmp_path):
+    """Determinism on CPU: an independent second run equals the first byte for byte."""
+    from wsss.cli import main
+
+    second = tmp_path / "run"
+    assert main(["run", *_args(second)]) == 0
+    assert _digests(second / "crf") == _digests(tiny_run / "crf") != {}
+    assert _digests(second / "predict" / "val") == _digests(tiny_run / "predict" / "val") != {}
+    assert _digests(second / "cam", "*.npz") == _digests(tiny_run / "cam", "*.npz")
+    a, b = (json.loads((r / "eval" / "summary.json").read_text()) for r in (tiny_run, second))
+    assert a == b
