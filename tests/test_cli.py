@@ -49,3 +49,22 @@ def test_run_writes_layout_and_skips_when_unchanged(run_cli, tmp_path):
     assert code == 0 and "data       done" in out
     code, out, err = run_cli("run", cfg, "--to", "nonsense", *over)
     assert code == 2 and "unknown stage 'nonsense'" in err
+
+
+def test_device_flag_sets_every_device_section(run_cli, tmp_path):
+    """`--device cpu` reaches every section that picks a device (saved in the resolved config); a GPU
+    asked for on a machine without one is a one-line error, not a crash."""
+    import yaml
+
+    run = tmp_path / "run"
+    code, out, err = run_cli("run", "configs/demo.yaml", "--to", "data", "--device", "cpu", f"run.out_dir={run}",
+                             "data.synth.n_train=8", "data.synth.n_val=4", "data.synth.size=64")
+    assert code == 0, err
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert [cfg[s]["device"] for s in ("train_cls", "cam", "train_seg", "predict")] == ["cpu"] * 4
+    import torch
+
+    if not torch.cuda.is_available():
+        code, out, err = run_cli("train-cls", "configs/demo.yaml", "--device", "cuda", f"run.out_dir={run}",
+                                 "data.synth.n_train=8", "data.synth.n_val=4", "data.synth.size=64")
+        assert code == 1 and "CUDA is not available" in err and "Traceback" not in err

@@ -72,6 +72,43 @@ def test_two_process_segmenter_trains_and_loads(tmp_path):
     assert model(torch.zeros(1, 3, 40, 40)).shape == (1, 5, 40, 40)
 
 
+def test_two_process_expand_matches_one_process(tmp_path):
+    """`wsss expand` under torchrun: both ranks fine-tune (DDP) and extract half the images each, rank 0
+    merges; two erasing rounds give the losses and maps of one process, and one manifest."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from wsss.camfile import load_cam
+    from wsss.cli import main
+
+    one = tmp_path / "one"
+    assert main(["run", *BASE, "--to", "cam", "train_cls.epochs=2", "cam.scales=[1.0]", f"run.out_dir={one}"]) == 0
+    shutil.copytree(one, tmp_path / "ddp")
+    over = ["train_cls.epochs=2", "cam.scales=[1.0]", "expand.methods=[erasing]", "expand.erasing.rounds=2",
+            "expand.epochs=2", "train_cls.freeze_bn=true"]
+    p = _torchrun(["expand", *BASE, *over, f"run.out_dir={tmp_path / 'ddp'}"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("expand: done") == 1, p.stdout
+    assert main(["expand", *BASE, *over, f"run.out_dir={one}"]) == 0
+    man = [json.loads((d / "expand" / "manifest.json").read_text())["outputs"] for d in (tmp_path / "ddp", one)]
+    assert [r["classes_merged"] for r in man[0]["rounds"]] == [r["classes_merged"] for r in man[1]["rounds"]]
+    for r in (1, 2):
+        a, b = (_log(d / "expand" / f"round_{r}" / "cls" / "log.csv") for d in (tmp_path / "ddp", one))
+        assert len(a) == len(b) == 2
+        for x, y in zip(a, b):
+            assert abs(float(x["loss"]) - float(y["loss"])) < 2e-3, (a, b)
+    files = sorted(p.name for p in (one / "expand").glob("*.npz"))
+    assert len(files) == 64 and files == sorted(p.name for p in (tmp_path / "ddp" / "expand").glob("*.npz"))
+    diffs = []
+    for name in files:
+        (ca, ma), (cb, mb) = load_cam(tmp_path / "ddp" / "expand" / name), load_cam(one / "expand" / name)
+        assert np.array_equal(ca, cb)
+        diffs.append(float(np.abs(ma - mb).mean()))
+    assert max(diffs) < 0.02, max(diffs)
+
+
 def test_sync_bn_on_cpu_is_refused(monkeypatch):
     monkeypatch.setattr(training, "world", lambda: (0, 2))
     with pytest.raises(Exception, match="sync_bn needs CUDA"):

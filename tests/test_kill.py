@@ -54,9 +54,10 @@ def reference(tmp_path_factory) -> tuple[dict, dict, dict]:
     return finals
 
 
+@pytest.mark.parametrize("attempt", [0, 1])
 @pytest.mark.parametrize("stage", list(PROGRESS))
-def test_sigkill_mid_stage_then_rerun_gives_identical_masks(stage, reference, tmp_path):
-    rng = np.random.default_rng(sum(map(ord, stage)))
+def test_sigkill_mid_stage_then_rerun_gives_identical_masks(stage, attempt, reference, tmp_path):
+    rng = np.random.default_rng([sum(map(ord, stage)), attempt])  # a different random point per attempt
     folder, pattern = PROGRESS[stage]
     run_dir = tmp_path / "run"
     need = 1 if pattern == "checkpoint.pt" else int(rng.integers(3, 25))

@@ -239,6 +239,18 @@ def test_config_faults_exit_2_naming_the_key(run_cli, tmp_path, override, needle
     assert not (tmp_path / "run").exists()
 
 
+def test_missing_labels(run_cli, tmp_path):
+    from tests.conftest import make_voc
+
+    root = make_voc(tmp_path / "voc", {"a": ("cat", (20, 20)), "b": ("dog", (20, 20))})
+    (root / "labels.csv").write_text("image,labels\na,cat\n")
+    code, out, err = run_cli("data", "check", root)
+    assert code == 1 and "labels.csv" in _one_line(err) and "no row for image 'b'" in err
+    (root / "labels.csv").unlink()
+    code, out, err = run_cli("data", "check", root)
+    assert code == 1 and "no image-level labels" in _one_line(err)
+
+
 def test_split_id_cannot_escape_the_dataset(run_cli, tmp_path):
     from tests.conftest import make_voc
 

@@ -18,8 +18,14 @@ log = logging.getLogger("wsss")
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*=")
 
 
-def _overrides(p: argparse.ArgumentParser) -> None:
+#: the config sections that choose a device; ``--device X`` sets all of them
+DEVICE_SECTIONS = ("train_cls", "cam", "train_seg", "predict")
+
+
+def _overrides(p: argparse.ArgumentParser, device: bool = True) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.synth.n_train=100 (anywhere on the line)")
+    if device:
+        p.add_argument("--device", help="auto, cpu, cuda or cuda:N for every stage (sets " + ", ".join(f"{s}.device" for s in DEVICE_SECTIONS) + ")")
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -51,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n-val", type=int, help="validation images (data.synth.n_val)")
     synth.add_argument("--size", type=int, help="image side in pixels (data.synth.size)")
     synth.add_argument("--force", action="store_true", help="replace an existing folder")
-    _overrides(synth)
+    _overrides(synth, device=False)
     check = dsub.add_parser("check", help="validate a dataset (VOC folder or CSV manifest) and summarise it")
     check.add_argument("root", type=Path, help="VOC-layout folder or CSV manifest")
     check.add_argument("--split", action="append", help="split(s) to check (default: every split file found)")
@@ -138,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--data", type=Path, help="dataset (VOC folder or CSV) with ground-truth masks (default: the run's)")
         e.add_argument("--split", help="split to score (default predict.split for seg, else cam.split)")
         e.add_argument("--out", type=Path, help=f"report folder (default <{flag[2:]}>/eval)")
-        _overrides(e)
+        _overrides(e, device=False)
 
     return parser
 
@@ -268,7 +274,7 @@ def _run_training(args: argparse.Namespace, section: str, stage_fn):
         barrier()
         if not main_rank:
             cfg, run_dir = _stage_setup(args)
-        outcome = stage_fn(cfg, run_dir, force=args.force, resume=args.resume)
+        outcome = stage_fn(cfg, run_dir, force=args.force, resume=getattr(args, "resume", True))
     finally:
         if started:
             import torch.distributed as dist
@@ -284,11 +290,6 @@ def _cmd_train_cls(args: argparse.Namespace) -> int:
     if res is None:
         return 0
     cfg, run_dir, outcome = res
-    final = outcome.manifest["outputs"].get("final", {})
-    state = "up to date" if outcome.skipped else "trained"
-    extras = ", ".join(f"{k} {v}" for k, v in final.items() if k.startswith("val_") or k == "loss")
-    print(f"train-cls: {state}; {extras} -> {run_dir / 'cls' / 'classifier.pt'}")
-    return 0
     final = outcome.manifest["outputs"].get("final", {})
     state = "up to date" if outcome.skipped else "trained"
     extras = ", ".join(f"{k} {v}" for k, v in final.items() if k.startswith("val_") or k == "loss")
@@ -385,8 +386,10 @@ def _cmd_eval_cam(args: argparse.Namespace) -> int:
 def _cmd_expand(args: argparse.Namespace) -> int:
     from wsss.stages.expand import run_expand_stage
 
-    cfg, run_dir = _stage_setup(args)
-    outcome = run_expand_stage(cfg, run_dir, force=args.force)
+    res = _run_training(args, "train_cls", lambda cfg, run_dir, force, resume: run_expand_stage(cfg, run_dir, force=force))
+    if res is None:
+        return 0
+    cfg, run_dir, outcome = res
     o = outcome.manifest["outputs"]
     print(f"expand: {'up to date' if outcome.skipped else 'done'}; {'+'.join(o['methods'])}, {len(o['rounds'])} round(s), "
           f"fine-tuning {o['finetune_s']:.0f} s; {o['images']} images -> {run_dir / 'expand'}")
@@ -556,6 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, "overrides"):
             parser.error(f"this command takes no config overrides: {' '.join(over)}")
         args.overrides = [*args.overrides, *over]
+    if getattr(args, "device", None):
+        args.overrides = [*args.overrides, *(f"{s}.device={args.device}" for s in DEVICE_SECTIONS)]
     setup_logging(-1 if args.quiet else args.verbose)
     try:
         if args.command == "data":

@@ -214,6 +214,17 @@ def distributed_loss(model: torch.nn.Module, loss_fn, device: torch.device, sync
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def broadcast_int(value: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank (itself in one process)."""
+    if world()[1] <= 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, 0)
+    return int(t.item())
+
+
 def reduce_sum(total: float, n: int, device: torch.device) -> tuple[float, int]:
     """Sums of ``total`` and ``n`` over the ranks (themselves in one process)."""
     if world()[1] <= 1:

@@ -16,6 +16,9 @@ original images and merges them (element-wise max) into the running maps -- for 
 only while the fine-tuned classifier still recognises that class in the erased image
 (``expand.erasing.stop_score``), the guard against erasing the whole object and then learning
 background. Every step resumes: training from its checkpoint, extraction and merging per file.
+
+Under torchrun every rank takes part in the fine-tuning (DistributedDataParallel, as in `train-cls`)
+and extracts its share of the images (every N-th); rank 0 alone merges, copies and writes the manifest.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from wsss.expand.methods import Combined, create_expand_methods
 from wsss.log import progress
 from wsss.manifest import StageOutcome, finished_outcome, prepare_output_folder, read_manifest, stage_key, write_manifest
 from wsss.stages.cam import run_cam_extraction
+from wsss.shard import shard_ids
 from wsss.stages.train_cls import load_classifier, predict_scores, resolve_device, train_classifier
+from wsss.training import barrier, broadcast_int, is_main, rank_device, world
 
 if TYPE_CHECKING:
     from wsss.config import Config
@@ -89,6 +94,7 @@ def run_expand(cfg: "Config", train: Dataset, val: Dataset | None, classifier: P
     tcfg = finetune_config(cfg)
     head = {"head": methods.head, "acol_threshold": e.acol.threshold} if methods.head == "acol" else None
     rounds = max(methods.rounds, 1)
+    rank, size = world()
     current, init = seed_cams, classifier
     report: dict = {"rounds": []}
     for r in range(1, rounds + 1):
@@ -100,19 +106,25 @@ def run_expand(cfg: "Config", train: Dataset, val: Dataset | None, classifier: P
         t_train = time.perf_counter() - t0
         model, meta = load_classifier(rdir / "cls" / "classifier.pt", device)
         t0 = time.perf_counter()
-        run_cam_extraction(model, train, cfg.cam, rdir / "cam", device, meta["mean"], meta["std"])
+        mine = train if size == 1 else train.subset(shard_ids([s.id for s in train], (rank, size)))
+        run_cam_extraction(model, mine, cfg.cam, rdir / "cam", device, meta["mean"], meta["std"])
+        barrier()
         t_cam = time.perf_counter() - t0
         row = {"round": r, "finetune_s": round(t_train, 1), "extract_s": round(t_cam, 1),
                "val_mAP": summary["final"].get("val_mAP")}
         if methods.rounds:
-            scores = predict_scores(model, train, tcfg, device, erase)
-            allow = {s.id: scores[i, [c - 1 for c in s.labels]] >= e.erasing.stop_score for i, s in enumerate(train)}
-            n_ok = sum(int(a.sum()) for a in allow.values())
-            n_all = sum(len(a) for a in allow.values())
+            n_ok = n_all = 0
+            if is_main():
+                scores = predict_scores(model, train, tcfg, device, erase)
+                allow = {s.id: scores[i, [c - 1 for c in s.labels]] >= e.erasing.stop_score for i, s in enumerate(train)}
+                n_ok = sum(int(a.sum()) for a in allow.values())
+                n_all = sum(len(a) for a in allow.values())
+                merge_maps(current, rdir / "cam", rdir / "merged", train, allow)
+                log.info("expand round %d: classifier still recognises %d of %d erased image-classes (stop_score %.2f)",
+                         r, n_ok, n_all, e.erasing.stop_score)
+            n_ok = broadcast_int(n_ok, device)  # every rank must take the same decision to stop
+            barrier()
             row["classes_merged"] = f"{n_ok}/{n_all}"
-            merge_maps(current, rdir / "cam", rdir / "merged", train, allow)
-            log.info("expand round %d: classifier still recognises %d of %d erased image-classes (stop_score %.2f)",
-                     r, n_ok, n_all, e.erasing.stop_score)
             current, init = rdir / "merged", rdir / "cls" / "classifier.pt"
             report["rounds"].append(row)
             if n_ok == 0:
@@ -122,12 +134,15 @@ def run_expand(cfg: "Config", train: Dataset, val: Dataset | None, classifier: P
             current = rdir / "cam"
             report["rounds"].append(row)
     if e.merge_seed and current != seed_cams and not methods.rounds:
-        merge_maps(seed_cams, current, out / "with_seed", train)
+        if is_main():
+            merge_maps(seed_cams, current, out / "with_seed", train)
         current = out / "with_seed"
-    for s in progress(train.samples, desc="expand: final maps", unit="img"):
-        target = out / f"{s.id}.npz"
-        if not target.is_file():
-            shutil.copyfile(current / f"{s.id}.npz", target)
+    if is_main():
+        for s in progress(train.samples, desc="expand: final maps", unit="img"):
+            target = out / f"{s.id}.npz"
+            if not target.is_file():
+                shutil.copyfile(current / f"{s.id}.npz", target)
+    barrier()
     report["finetune_s"] = round(sum(r["finetune_s"] for r in report["rounds"]), 1)
     report["extract_s"] = round(sum(r["extract_s"] for r in report["rounds"]), 1)
     return report
@@ -150,14 +165,18 @@ def run_expand_stage(cfg: "Config", run_dir: str | Path, force: bool = False) ->
     done = finished_outcome(out, "expand", chash, inputs, force)
     if done is not None:
         return done
-    prepare_output_folder(out, stage_key("expand", chash, inputs), force, "*.npz", "round_*", "with_seed")
-    save_config(cfg.expand, out / "config.yaml")
+    if is_main():
+        prepare_output_folder(out, stage_key("expand", chash, inputs), force, "*.npz", "round_*", "with_seed")
+        save_config(cfg.expand, out / "config.yaml")
+    barrier()
     train = open_split(run_dir, cfg.cam.split)
     val = open_split(run_dir, cfg.data.val_split) if cfg.data.val_split else None
-    device = resolve_device(cfg.cam.device)
+    device = rank_device(resolve_device(cfg.cam.device))
     report = run_expand(cfg, train, val, run_dir / "cls" / "classifier.pt", run_dir / "cam", out, device)
-    man = write_manifest(out, "expand", section, chash, inputs,
-                         {"images": len(train), "methods": cfg.expand.methods, **report}, started)
+    outputs = {"images": len(train), "methods": cfg.expand.methods, **report}
+    if not is_main():
+        return StageOutcome({"stage": "expand", "outputs": outputs}, skipped=False)
+    man = write_manifest(out, "expand", section, chash, inputs, outputs, started)
     log.info("expand: %s, %d round(s), fine-tuning %.0f s, extraction %.0f s -> %s", "+".join(cfg.expand.methods) or "plain fine-tune",
              len(report["rounds"]), report["finetune_s"], report["extract_s"], out)
     return StageOutcome(man, skipped=False)

@@ -1,0 +1,42 @@
+"""Unit tests of the ablation flow's pieces (the flow itself runs in tests/test_e2e_synthetic.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.ablation import _variants, render_table, variant_methods
+from wsss.config import load_config
+from wsss.errors import ConfigError, WsssError
+
+
+def _row(name: str, miou: float) -> dict:
+    return {"variant": name, "mIoU": miou, "threshold": 0.3, "fg_precision": 50.0, "fg_recall": 60.0,
+            "confidence_mIoU": miou + 20, "confidence_kept": 55.0, "finetune_s": 1.0, "extract_s": 2.0}
+
+
+def test_variant_names_are_checked_against_the_registry():
+    assert variant_methods("hide_and_seek+acol") == ["hide_and_seek", "acol"]
+    with pytest.raises(ConfigError, match="empty method name"):
+        variant_methods("acol+")
+    cfg = load_config(None, ["ablation.variants=[plain, hide_and_sek]"])
+    from pipelines import ablation
+
+    with pytest.raises(WsssError, match="hide_and_sek.*hide_and_seek"):
+        ablation.run(cfg)  # fails before any stage runs
+
+
+def test_best_two_single_methods_are_combined_once():
+    cfg = load_config(None, ["ablation.variants=[plain, erasing, acol, mixup]"])
+    rows = [_row("CAM (stage 2)", 40), _row("plain", 45), _row("erasing", 38), _row("acol", 41), _row("mixup", 42)]
+    assert _variants(cfg, rows[:2]) == ["plain", "erasing", "acol", "mixup"]  # singles not all scored yet
+    assert _variants(cfg, rows) == ["plain", "erasing", "acol", "mixup", "acol+mixup"]  # plain is the control, not a method
+    off = load_config(None, ["ablation.variants=[acol, mixup]", "ablation.combine_best=false"])
+    assert _variants(off, rows) == ["acol", "mixup"]
+
+
+def test_table_has_a_column_per_crf_mode_and_deltas():
+    md = render_table([_row("CAM (stage 2)", 40.0), _row("acol", 41.25)], ["confidence"])
+    lines = md.splitlines()
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 11
+    assert "| acol | 41.2 | +1.2 | 0.30 | 50.0 | 60.0 | 61.2 | 55.0 | 1 | 2 |" in md
+    assert "| CAM (stage 2) | 40.0 | +0.0 |" in md
