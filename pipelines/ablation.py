@@ -20,8 +20,6 @@ variants are reused, an unfinished one continues from its checkpoints and files.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,7 +37,7 @@ from wsss.stages.crf import crf_jobs, evaluate_masks, run_crf
 from wsss.stages.data import open_split
 from wsss.stages.eval import evaluate_cam_folder
 from wsss.stages.expand import run_expand
-from wsss.training import resolve_device
+from wsss.training import resolve_device, write_log_csv
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +53,7 @@ class AblationResult:
 
 
 def variant_methods(variant: str) -> list[str]:
-    """``"a+b"`` -> ``["a", "b"]``; names are checked against the registry (the error lists valid ones)."""
+    """``"a+b"`` -> ``["a", "b"]`` (the registry checks the names, in :func:`run`)."""
     methods = [m.strip() for m in variant.split("+")]
     if not all(methods):
         raise ConfigError(f"ablation.variants: empty method name in '{variant}'")
@@ -97,18 +95,16 @@ def score_row(name: str, cam_dir: Path, out: Path, ds: Dataset, full: Dataset, c
     return row
 
 
-def _variants(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
-    """The configured variants plus, with ``combine_best``, the two best single methods joined."""
-    names = list(dict.fromkeys(cfg.ablation.variants))
-    if cfg.ablation.combine_best:
-        singles = [r for r in rows if r["variant"] in names and "+" not in r["variant"] and r["variant"] != "plain"
-                   and r["variant"] != BASELINE]
-        if len(singles) >= 2:
-            a, b = sorted(singles, key=lambda r: -r["mIoU"])[:2]
-            combo = "+".join(sorted([a["variant"], b["variant"]]))
-            if combo not in names:
-                names.append(combo)
-    return names
+def combined_variant(cfg: Config, rows: list[dict[str, Any]]) -> str | None:
+    """With ``ablation.combine_best``: the two single methods of ``rows`` (the variants' rows; ``plain`` is
+    the control, not a method) with the best CAM mIoU, joined; None when off, when fewer than two were run
+    or when the combination was configured anyway."""
+    singles = [r for r in rows if "+" not in r["variant"] and r["variant"] != "plain"]
+    if not cfg.ablation.combine_best or len(singles) < 2:
+        return None
+    a, b = sorted(singles, key=lambda r: -r["mIoU"])[:2]
+    combo = "+".join(sorted([a["variant"], b["variant"]]))
+    return None if combo in cfg.ablation.variants else combo
 
 
 def render_table(rows: list[dict[str, Any]], modes: list[str]) -> str:
@@ -165,15 +161,13 @@ def run(cfg: Config, force: bool = False) -> AblationResult:
         row = {**score_row("CAM (stage 2)", run_dir / "cam", base_dir, ds, full, cfg), "finetune_s": 0.0, "extract_s": None}
         write_json(base_dir / "result.json", row)
     rows = [row]
-    i = 0
-    while i < len(names := _variants(cfg, rows)):
-        variant = names[i]
-        i += 1
+
+    def run_variant(variant: str) -> None:
         folder = out / variant
         row = finished(folder)
         if row is None:
             vcfg = cfg.model_copy(update={"expand": cfg.expand.model_copy(update={"methods": variant_methods(variant)})})
-            log.info("ablation: variant %s (%d of %d)", variant, i, len(names))
+            log.info("ablation: variant %s", variant)
             rep = run_expand(vcfg, ds, val, run_dir / "cls" / "classifier.pt", run_dir / "cam", folder, device)
             row = {**score_row(variant, folder, folder, ds, ds, cfg), "finetune_s": rep["finetune_s"],
                    "extract_s": rep["extract_s"], "rounds": len(rep["rounds"])}
@@ -181,13 +175,13 @@ def run(cfg: Config, force: bool = False) -> AblationResult:
         rows.append(row)
         log.info("ablation: %s: CAM mIoU %.1f (%+.1f vs CAM), fg precision %.1f, recall %.1f", variant, row["mIoU"],
                  row["mIoU"] - rows[0]["mIoU"], row["fg_precision"], row["fg_recall"])
+
+    for variant in dict.fromkeys(cfg.ablation.variants):
+        run_variant(variant)
+    if (combo := combined_variant(cfg, rows[1:])) is not None:
+        run_variant(combo)
     table = render_table(rows, list(cfg.ablation.crf_modes))
-    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "sweep"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    write_text(out / "table.csv", buf.getvalue())
+    write_log_csv(out / "table.csv", [{k: v for k, v in r.items() if k != "sweep"} for r in rows])
     write_text(out / "table.md", table)
     best = max(rows, key=lambda r: r["mIoU"])["variant"]
     write_json(out / "ablation.json", {"images": len(ds), "split": ds.split, "rows": rows, "best": best})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.ablation import _variants, render_table, variant_methods
+from pipelines.ablation import combined_variant, render_table, variant_methods
 from wsss.config import load_config
 from wsss.errors import ConfigError, WsssError
 
@@ -27,11 +27,13 @@ def test_variant_names_are_checked_against_the_registry():
 
 def test_best_two_single_methods_are_combined_once():
     cfg = load_config(None, ["ablation.variants=[plain, erasing, acol, mixup]"])
-    rows = [_row("CAM (stage 2)", 40), _row("plain", 45), _row("erasing", 38), _row("acol", 41), _row("mixup", 42)]
-    assert _variants(cfg, rows[:2]) == ["plain", "erasing", "acol", "mixup"]  # singles not all scored yet
-    assert _variants(cfg, rows) == ["plain", "erasing", "acol", "mixup", "acol+mixup"]  # plain is the control, not a method
+    rows = [_row("plain", 45), _row("erasing", 38), _row("acol", 41), _row("mixup", 42)]
+    assert combined_variant(cfg, rows[:2]) is None  # singles not all scored yet
+    assert combined_variant(cfg, rows) == "acol+mixup"  # plain is the control, not a method
     off = load_config(None, ["ablation.variants=[acol, mixup]", "ablation.combine_best=false"])
-    assert _variants(off, rows) == ["acol", "mixup"]
+    assert combined_variant(off, rows) is None
+    given = load_config(None, ["ablation.variants=[acol, mixup, acol+mixup]"])
+    assert combined_variant(given, rows) is None  # configured anyway: not run twice
 
 
 def test_table_has_a_column_per_crf_mode_and_deltas():

@@ -25,7 +25,8 @@ DEVICE_SECTIONS = ("train_cls", "cam", "train_seg", "predict")
 def _overrides(p: argparse.ArgumentParser, device: bool = True) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.synth.n_train=100 (anywhere on the line)")
     if device:
-        p.add_argument("--device", help="auto, cpu, cuda or cuda:N for every stage (sets " + ", ".join(f"{s}.device" for s in DEVICE_SECTIONS) + ")")
+        sections = ", ".join(f"{s}.device" for s in DEVICE_SECTIONS)
+        p.add_argument("--device", help=f"auto, cpu, cuda or cuda:N for every stage (sets {sections})")
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -473,11 +474,6 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
     if res is None:
         return 0
     cfg, run_dir, outcome = res
-    final = outcome.manifest["outputs"].get("final", {})
-    state = "up to date" if outcome.skipped else "trained"
-    extras = ", ".join(f"{k} {v}" for k, v in final.items() if k in ("loss", "val_mIoU"))
-    print(f"train-seg: {state} on {cfg.train_seg.masks} masks; {extras} -> {run_dir / seg_folder(cfg.train_seg) / 'segmenter.pt'}")
-    return 0
     final = outcome.manifest["outputs"].get("final", {})
     state = "up to date" if outcome.skipped else "trained"
     extras = ", ".join(f"{k} {v}" for k, v in final.items() if k in ("loss", "val_mIoU"))

@@ -162,13 +162,22 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
-def read_mask(path: str | Path, palette: np.ndarray | None = None) -> np.ndarray:
+def read_mask(path: str | Path, palette: np.ndarray | None = None, num_classes: int | None = None) -> np.ndarray:
     """Read a label mask as ``(H, W)`` uint8 class ids (255 = ignore).
 
     Accepts palette/grayscale PNGs (indices are the ids) and RGB colour-coded masks, which are mapped
-    back to ids through ``palette`` (the VOC palette by default); an unknown colour is an error.
+    back to ids through ``palette`` (the VOC palette by default); an unknown colour is an error. With
+    ``num_classes`` (background included), an id outside ``0..num_classes-1`` other than 255 is an error.
     """
-    path = Path(path)
+    mask = _decode_mask(Path(path), palette)
+    if num_classes is not None:
+        bad = (mask >= num_classes) & (mask != IGNORE)
+        if bad.any():
+            raise DataError(f"class id {int(mask[bad][0])} outside 0..{num_classes - 1} (255 = ignore)", path)
+    return mask
+
+
+def _decode_mask(path: Path, palette: np.ndarray | None) -> np.ndarray:
     if not path.is_file():
         raise ImageReadError("mask file not found", path)
     try:

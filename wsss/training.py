@@ -47,15 +47,16 @@ def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
             raise WsssError(f"cannot write the checkpoint ({brief(e)})", path) from e
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by wsss (``weights_only=True``: no code is executed)."""
+def load_checkpoint(path: str | Path, hint: str = "") -> dict[str, Any]:
+    """Load a checkpoint written by wsss (``weights_only=True``: no code is executed); ``hint`` is added
+    to the error when it cannot be read."""
     path = Path(path)
     if not path.is_file():
         raise WsssError("checkpoint not found", path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WsssError(f"cannot load checkpoint ({type(e).__name__}: {brief(e, 120)})", path) from None
+        raise WsssError(f"cannot load checkpoint ({type(e).__name__}: {brief(e, 120)}){hint}", path) from None
 
 
 def write_log_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -98,12 +99,8 @@ def make_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def load_resume_checkpoint(path: Path) -> dict[str, Any]:
-    """An interrupted run's ``checkpoint.pt``; when it cannot be read, say how to start over."""
-    try:
-        return load_checkpoint(path)
-    except WsssError as e:
-        raise WsssError(f"{str(e).removeprefix(f'{path}: ')} (use --no-resume or --force to start over)", path) from None
+#: added to the errors about an interrupted run's checkpoint
+START_OVER = " (use --no-resume or --force to start over)"
 
 
 def check_resumable(checkpoint: dict[str, Any], current: dict[str, Any], section: str, free: set[str], path: Path) -> None:
@@ -111,8 +108,7 @@ def check_resumable(checkpoint: dict[str, Any], current: dict[str, Any], section
     saved = checkpoint.get("config", {})
     changed = sorted(k for k, v in current.items() if k not in free and saved.get(k) != v)
     if changed:
-        raise WsssError(f"cannot resume: {section}.{f', {section}.'.join(changed)} differ from the checkpoint's "
-                        f"(use --no-resume or --force to start over)", path)
+        raise WsssError(f"cannot resume: {section}.{f', {section}.'.join(changed)} differ from the checkpoint's{START_OVER}", path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,8 +39,8 @@ from wsss.errors import WsssError
 from wsss.expand.methods import Combined, create_expand_methods
 from wsss.log import progress
 from wsss.manifest import StageOutcome, finished_outcome, prepare_output_folder, read_manifest, stage_key, write_manifest
-from wsss.stages.cam import run_cam_extraction
 from wsss.shard import shard_ids
+from wsss.stages.cam import run_cam_extraction
 from wsss.stages.train_cls import load_classifier, predict_scores, resolve_device, train_classifier
 from wsss.training import barrier, broadcast_int, is_main, rank_device, world
 

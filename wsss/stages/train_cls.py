@@ -32,8 +32,8 @@ from wsss.data.transforms import ColorJitter, Compose, HFlip, RandomCrop, Random
 from wsss.errors import WsssError, brief
 from wsss.io import remove_temp_files
 from wsss.log import progress
-from wsss.training import (load_resume_checkpoint, barrier, check_resumable, distributed_loss, freeze_parameters, is_main, load_checkpoint,
-                           make_optimizer, memory_layout as _layout, poly_lr, rank_batches, rank_device, reduce_sum,
+from wsss.training import (START_OVER, barrier, check_resumable, distributed_loss, freeze_parameters, is_main,
+                           load_checkpoint, make_optimizer, memory_layout as _layout, poly_lr, rank_batches, rank_device, reduce_sum,
                            resolve_device, save_checkpoint as _save_checkpoint, set_train_mode,
                            write_log_csv as _write_log)
 from wsss.metrics import average_precision, f1_scores
@@ -210,7 +210,7 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
     start_epoch, it, history = 0, 0, []
     ckpt_path = out_dir / "checkpoint.pt"
     if resume and ckpt_path.is_file():
-        ck = load_resume_checkpoint(ckpt_path)
+        ck = load_checkpoint(ckpt_path, START_OVER)
         check_resumable(ck, config_to_dict(cfg), "train_cls", {"epochs", "device", "workers", "threads"}, ckpt_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])

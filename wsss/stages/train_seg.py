@@ -38,8 +38,8 @@ from wsss.io import IGNORE, read_mask, remove_temp_files
 from wsss.log import progress
 from wsss.models.segmenter import Segmenter, create_segmenter
 from wsss.stages.train_cls import train_transform
-from wsss.training import (load_resume_checkpoint, barrier, check_resumable, distributed_loss, freeze_parameters, is_main, load_checkpoint,
-                           make_optimizer, memory_layout, poly_lr, rank_batches, rank_device, reduce_sum,
+from wsss.training import (START_OVER, barrier, check_resumable, distributed_loss, freeze_parameters, is_main,
+                           load_checkpoint, make_optimizer, memory_layout, poly_lr, rank_batches, rank_device, reduce_sum,
                            resolve_device, save_checkpoint, set_train_mode, write_log_csv)
 
 if TYPE_CHECKING:
@@ -58,28 +58,18 @@ def pseudo_mask_source(ds: Dataset, mask_dir: str | Path) -> MaskSource:
     if missing:
         raise DataError(f"{len(missing)} of {len(ds)} training images have no pseudo-mask (first: {missing[0]}.png); "
                         f"run `wsss crf CONFIG` first", mask_dir)
-    k = len(ds.classes)
-
-    def read(i: int) -> np.ndarray:
-        path = mask_dir / f"{ds[i].id}.png"
-        mask = read_mask(path)
-        bad = (mask >= k) & (mask != IGNORE)
-        if bad.any():
-            raise DataError(f"pseudo-mask has class id {int(mask[bad][0])} outside 0..{k - 1} (255 = ignore)", path)
-        return mask
-
-    return read
+    return lambda i: read_mask(mask_dir / f"{ds[i].id}.png", num_classes=len(ds.classes))
 
 
 def gt_mask_source(ds: Dataset) -> MaskSource:
     """The ground-truth masks of ``ds`` (the fully-supervised reference only)."""
     if not ds.has_masks:
         raise DataError(f"split '{ds.split}' has no ground-truth masks (train_seg.masks=gt needs them)", ds.root)
-    return ds.read_mask
+    return lambda i: read_mask(ds[i].mask, num_classes=len(ds.classes))
 
 
 class SegDataset(torch.utils.data.Dataset):
-    """``(image (3, S, S) float, mask (S, S) int64)`` pairs; mask ids must be < K or 255."""
+    """``(image (3, S, S) float, mask (S, S) int64)`` pairs; the mask source checks the ids (< K or 255)."""
 
     def __init__(self, ds: Dataset, masks: MaskSource, transform, mean, std, seed: int = 0) -> None:
         self.ds, self.masks, self.transform, self.mean, self.std, self.seed = ds, masks, transform, mean, std, seed
@@ -94,10 +84,6 @@ class SegDataset(torch.utils.data.Dataset):
         if mask.shape != image.shape[:2]:
             raise DataError(f"mask {mask.shape[1]}x{mask.shape[0]} does not match its image "
                             f"{image.shape[1]}x{image.shape[0]}", self.ds[i].image)
-        bad = (mask >= self.num_classes) & (mask != IGNORE)
-        if bad.any():
-            raise DataError(f"mask of {self.ds[i].id} has class id {int(mask[bad][0])} outside 0..{self.num_classes - 1} "
-                            f"(255 = ignore)", self.ds[i].image)
         rng = np.random.default_rng([self.seed, self.epoch, i])
         image, mask = self.transform(image, mask, rng)
         return to_tensor(image, self.mean, self.std), torch.from_numpy(mask.astype(np.int64))
@@ -188,7 +174,7 @@ def train_segmenter(cfg: TrainSegConfig, train_ds: Dataset, masks: MaskSource, o
     start_epoch, it, history = 0, 0, []
     ckpt_path = out_dir / "checkpoint.pt"
     if resume and ckpt_path.is_file():
-        ck = load_resume_checkpoint(ckpt_path)
+        ck = load_checkpoint(ckpt_path, START_OVER)
         check_resumable(ck, config_to_dict(cfg), "train_seg", {"epochs", "device", "workers", "threads", "eval_every"}, ckpt_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
