@@ -23,6 +23,12 @@ def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _why(p: subprocess.CompletedProcess) -> str:
+    """A failed torchrun's own error lines first: the tail alone is the launcher's traceback."""
+    errors = [line for line in p.stderr.splitlines() if "wsss: error" in line or "Error" in line[:80]]
+    return "\n".join(errors[:20]) + "\n...\n" + p.stderr[-2000:]
+
+
 def _log(path: Path) -> list[dict]:
     return list(csv.DictReader(path.open()))
 
@@ -48,7 +54,7 @@ def test_two_process_classifier_matches_one_process(tmp_path):
 
     over = ["train_cls.epochs=4", "train_cls.freeze_bn=true", "train_cls.batch_size=16"]
     p = _torchrun(["train-cls", *BASE, *over, f"run.out_dir={tmp_path / 'ddp'}"])
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, _why(p)
     assert p.stdout.count("train-cls: trained") == 1  # rank 0 reports, rank 1 stays quiet
     ddp = _log(tmp_path / "ddp" / "cls" / "log.csv")
     assert float(ddp[-1]["loss"]) < float(ddp[0]["loss"])
@@ -65,7 +71,7 @@ def test_two_process_segmenter_trains_and_loads(tmp_path):
 
     p = _torchrun(["train-seg", "--masks", "gt", *BASE, "train_seg.epochs=3", "train_seg.channels=16",
                    f"run.out_dir={tmp_path / 'seg'}"])
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, _why(p)
     rows = _log(tmp_path / "seg" / "seg_gt" / "log.csv")
     assert len(rows) == 3 and float(rows[-1]["loss"]) < float(rows[0]["loss"])
     model, meta = load_segmenter(tmp_path / "seg" / "seg_gt" / "segmenter.pt")
@@ -89,7 +95,7 @@ def test_two_process_expand_matches_one_process(tmp_path):
     over = ["train_cls.epochs=2", "cam.scales=[1.0]", "expand.methods=[erasing]", "expand.erasing.rounds=2",
             "expand.epochs=2", "train_cls.freeze_bn=true"]
     p = _torchrun(["expand", *BASE, *over, f"run.out_dir={tmp_path / 'ddp'}"])
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, _why(p)
     assert p.stdout.count("expand: done") == 1, p.stdout
     assert main(["expand", *BASE, *over, f"run.out_dir={one}"]) == 0
     man = [json.loads((d / "expand" / "manifest.json").read_text())["outputs"] for d in (tmp_path / "ddp", one)]

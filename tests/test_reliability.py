@@ -271,3 +271,30 @@ def test_same_seed_twice_gives_identical_masks_and_metrics(tiny_run, tmp_path):
     assert _digests(second / "cam", "*.npz") == _digests(tiny_run / "cam", "*.npz")
     a, b = (json.loads((r / "eval" / "summary.json").read_text()) for r in (tiny_run, second))
     assert a == b
+
+
+def test_temp_files_of_live_writers_are_spared(tmp_path):
+    """Two torchrun ranks prepare the same folder: one's cleanup must not delete the temp file the other is
+    writing (the cause of a CI failure), while a killed writer's leftovers still go."""
+    import subprocess
+    import sys
+
+    from wsss.io import atomic_path, remove_temp_files
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".config.yaml.pid{other.pid}.abc.tmp.yaml"
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        gone = tmp_path / f".config.yaml.pid{int(dead.stdout)}.xyz.tmp.yaml"
+        old = tmp_path / ".x.npz.k2j3.tmp.npz"  # made before writers named themselves
+        for f in (live, gone, old):
+            f.write_text("partial")
+        with atomic_path(tmp_path / "config.yaml") as mine:
+            mine.write_text("being written")
+            assert remove_temp_files(tmp_path) == 2
+            assert mine.exists() and live.exists() and not gone.exists() and not old.exists()
+        assert (tmp_path / "config.yaml").read_text() == "being written"
+    finally:
+        other.kill()
+        other.wait()
+    assert remove_temp_files(tmp_path) == 1 and not live.exists()

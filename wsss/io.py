@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -46,7 +47,9 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp" + path.suffix, dir=path.parent)
+        # the writer's pid in the name lets remove_temp_files spare files other live processes are writing
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=suffix or ".tmp" + path.suffix,
+                                   dir=path.parent)
     except OSError as e:
         raise WsssError(f"cannot write here ({e.strerror or brief(e)})", path.parent) from None
     os.close(fd)
@@ -63,11 +66,28 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
         raise
 
 
+_WRITER_PID = re.compile(r"\.pid(\d+)\.")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def remove_temp_files(folder: str | Path) -> int:
     """Delete the temp files a killed writer left in ``folder`` (names made by :func:`atomic_path`, never
-    outputs); returns how many."""
+    outputs); returns how many. Files of a writer that is still running (another torchrun rank or
+    worker process writing into the same folder) are left alone."""
     n = 0
     for tmp in Path(folder).glob(".*.tmp*"):
+        pids = _WRITER_PID.findall(tmp.name)
+        if pids and _alive(int(pids[-1])):
+            continue
         tmp.unlink(missing_ok=True)
         n += 1
     return n
