@@ -14,7 +14,9 @@ masks are scored against ground truth. Layout::
     RUN/ablation/table.md|csv, ablation.json
 
 Every variant fine-tunes for the same ``expand.epochs`` (per round for erasing) at the same learning
-rate, so ``plain`` (fine-tuning alone) is the control at equal cost. A killed ablation resumes: finished
+rate on the same images (all of ``cam.split`` unless ``ablation.finetune_all`` is off), so ``plain``
+(fine-tuning alone) is the control at equal cost; ``ablation.images`` only limits the images whose maps
+are extracted and scored. A killed ablation resumes: finished
 variants are reused, an unfinished one continues from its checkpoints and files.
 """
 
@@ -168,7 +170,8 @@ def run(cfg: Config, force: bool = False) -> AblationResult:
         if row is None:
             vcfg = cfg.model_copy(update={"expand": cfg.expand.model_copy(update={"methods": variant_methods(variant)})})
             log.info("ablation: variant %s", variant)
-            rep = run_expand(vcfg, ds, val, run_dir / "cls" / "classifier.pt", run_dir / "cam", folder, device)
+            tune = full if cfg.ablation.finetune_all else ds
+            rep = run_expand(vcfg, tune, val, run_dir / "cls" / "classifier.pt", run_dir / "cam", folder, device, extract=ds)
             row = {**score_row(variant, folder, folder, ds, ds, cfg), "finetune_s": rep["finetune_s"],
                    "extract_s": rep["extract_s"], "rounds": len(rep["rounds"])}
             write_json(folder / "result.json", row)

@@ -11,8 +11,8 @@ from wsss.camfile import load_cam, save_cam
 from wsss.config import ExpandConfig, TrainClsConfig, load_config
 from wsss.data.transforms import Compose, Resize
 from wsss.errors import ConfigError
-from wsss.expand.methods import (EXPAND_METHODS, concentration, create_expand_methods, hide_patches, mix_batch,
-                                 pixel_entropy)
+from wsss.expand.methods import (EXPAND_METHODS, concentration, create_expand_methods, equivariance_loss, hide_patches,
+                                 map_distance, mix_batch, pixel_entropy)
 from wsss.models import create_backbone
 from wsss.models.classifier import ACoLClassifier
 from wsss.stages.expand import erase_masks, merge_maps
@@ -67,6 +67,34 @@ def test_regularisers():
 def _acol(threshold=0.5):
     torch.manual_seed(0)
     return ACoLClassifier(create_backbone("tiny", output_stride=8), 3, threshold=threshold).eval()
+
+
+def test_map_distance_compares_shapes_of_present_classes_only():
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(rng.random((2, 3, 4, 5)).astype(np.float32))
+    a0 = a.clone()
+    y = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    assert map_distance(a, 3 * a, y) < 1e-6, "a rescaled map has the same shape"
+    b = a.clone()
+    b[0, 1] = 0  # class 1 is absent from image 0: its map does not count
+    assert map_distance(a, b, y) < 1e-6
+    b[0, 0] = 0  # a present class's map gone: the mean of its normalised map over 3 present maps of 20 px
+    expect = float((a[0, 0] / a[0, 0].max()).sum()) / (3 * 20)
+    assert abs(float(map_distance(a, b, y)) - expect) < 1e-5
+    assert torch.equal(a, a0)
+
+
+def test_equivariance_loss_trains_through_both_views():
+    model = ACoLClassifier(create_backbone("tiny", output_stride=8), 3)
+    x = torch.rand(2, 3, 48, 48)
+    x0 = x.clone()
+    y = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    feats = model.forward_features(x)
+    loss = equivariance_loss(model, x, feats, y, 0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0 and torch.equal(x, x0)
+    grads = [p.grad for p in model.backbone.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_acol_erases_the_region_it_claims():
@@ -202,6 +230,35 @@ class TestMixup(MethodTester):
     name = "mixup"
 
 
+class TestEquivariant(MethodTester):
+    name = "equivariant"
+
+
 def test_every_method_has_a_tester():
     tested = {c.name for c in MethodTester.__subclasses__()}
     assert tested == set(EXPAND_METHODS.names())
+
+
+def test_extract_subset_keeps_earlier_erasing_rounds_whole(tiny_setup, tmp_path):
+    """run_expand(extract=part): fine-tunes on all images; round 1's maps cover all of them (round 2 erases
+    every training image), the last round's and the output only the part."""
+    from wsss.config import CamConfig, Config, ErasingConfig
+    from wsss.stages.cam import run_cam_extraction
+    from wsss.stages.expand import run_expand
+
+    cfg, train, cls_path = tiny_setup
+    model, meta = load_classifier(cls_path)
+    cam = CamConfig(scales=[1.0], flip=False)
+    run_cam_extraction(model, train, cam, tmp_path / "seed", torch.device("cpu"), meta["mean"], meta["std"])
+    full = Config(train_cls=cfg, cam=cam, expand=ExpandConfig(methods=["erasing"], epochs=1,
+                                                                 erasing=ErasingConfig(rounds=2, stop_score=0.0)))
+    part = train.subset([s.id for s in train.samples[:5]])
+    rep = run_expand(full, train, None, cls_path, tmp_path / "seed", tmp_path / "out", torch.device("cpu"), extract=part)
+    assert len(rep["rounds"]) == 2
+    names = lambda d: sorted(p.stem for p in (tmp_path / "out" / d).glob("*.npz"))  # noqa: E731
+    ids = sorted(s.id for s in part)
+    assert names("") == ids and names("round_2/cam") == ids and names("round_2/merged") == ids
+    assert len(names("round_1/cam")) == len(names("round_1/merged")) == len(train) == 24
+    from wsss.training import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "out" / "round_1" / "cls" / "checkpoint.pt")["iteration"] == 3  # 24 images / 8

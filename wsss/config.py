@@ -231,6 +231,12 @@ class MixupConfig(Section):
     concentration_weight: float = Field(0.0, ge=0, description="weight of the feature concentration term")
 
 
+class EquivariantConfig(Section):
+    scale: float = Field(0.5, gt=0.1, lt=1, description="the second view is the training crop rescaled by this")
+    weight: float = Field(1.0, ge=0, description="weight of the equivariance term (L1 of max-normalised maps "
+                                                 "+ the second view's classification loss)")
+
+
 class ExpandConfig(Section):
     """Stage 3: fine-tune the stage-1 classifier with expansion methods and extract new maps (same
     settings as `cam`)."""
@@ -245,6 +251,7 @@ class ExpandConfig(Section):
     hide_and_seek: HideAndSeekConfig = Field(default_factory=HideAndSeekConfig)
     acol: ACoLConfig = Field(default_factory=ACoLConfig)
     mixup: MixupConfig = Field(default_factory=MixupConfig)
+    equivariant: EquivariantConfig = Field(default_factory=EquivariantConfig)
 
 
 class CrfConfig(Section):
@@ -321,8 +328,10 @@ class AblationConfig(Section):
     combine_best: bool = Field(True, description="also run the combination of the two single methods with the best CAM mIoU")
     crf_modes: list[Literal["probability", "confidence"]] = Field(default_factory=lambda: ["confidence", "probability"],
                                                                    description="CRF modes applied to every variant's maps (other CRF settings: `crf`)")
-    images: int | None = Field(None, ge=1, description="use only the first N images of `cam.split` (by id), for fine-tuning, "
-                                                       "extraction and scoring alike; null = all")
+    images: int | None = Field(None, ge=1, description="extract and score only the first N images of `cam.split` (by id); "
+                                                       "null = all")
+    finetune_all: bool = Field(True, description="fine-tune on all of `cam.split`, as `wsss expand` does, even when `images` "
+                                                 "limits the scored images; false: fine-tune on those images only (faster, weaker)")
 
 
 class Config(Section):

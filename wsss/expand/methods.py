@@ -6,6 +6,8 @@ maps cover whole objects, not only their most discriminative parts:
 * ``hide_and_seek``: hide random grid patches of the training images (Singh & Lee 2017).
 * ``acol``: a second head trained on features with the first head's region erased (Zhang et al. 2018).
 * ``mixup``: mixup of images and labels with uncertainty regularisers (Mixup-CAM, Chang et al. 2020).
+* ``equivariant``: the maps of a rescaled image must match the rescaled maps (SEAM's equivariant
+  regularisation, Wang et al. 2020).
 
 Methods combine: the batch changes and regularisers of every selected method apply in one fine-tune,
 ACoL sets the classifier head, and erasing wraps that fine-tune in rounds.
@@ -98,7 +100,7 @@ class MixupCAM(ExpandMethod):
         x, y, _ = mix_batch(x, y, self.cfg.mixup.alpha, rng)
         return x, y
 
-    def regulariser(self, model: Classifier, feats, y):
+    def regulariser(self, model: Classifier, x, feats, y):
         m = self.cfg.mixup
         if not (m.entropy_weight or m.concentration_weight):
             return None
@@ -109,6 +111,42 @@ class MixupCAM(ExpandMethod):
         if m.concentration_weight:
             loss = loss + m.concentration_weight * concentration(feats, maps, y)
         return loss
+
+
+def max_normalised(maps: torch.Tensor) -> torch.Tensor:
+    """``relu(maps) / max`` per image and class, ``(B, K, h, w)``."""
+    m = F.relu(maps)
+    return m / m.flatten(2).amax(-1)[..., None, None].clamp_min(1e-5)
+
+
+def equivariance_loss(model: Classifier, x: torch.Tensor, feats: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scale equivariance of the class maps (SEAM, Wang et al. 2020): the maps of ``x (B, 3, S, S)``
+    rescaled by ``scale`` should equal the maps of ``x`` rescaled likewise. Mean L1 distance of the
+    max-normalised maps of the classes present in ``y (B, K)``, plus the classification loss of the
+    rescaled images (so that their maps stay class maps). ``feats``: the features of ``x``."""
+    small = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+    feats_s = model.forward_features(small)
+    maps_s = model.class_maps(feats_s)
+    maps = F.interpolate(model.class_maps(feats), size=maps_s.shape[-2:], mode="bilinear", align_corners=False)
+    return map_distance(maps, maps_s, y) + F.multilabel_soft_margin_loss(model.forward_head(feats_s), y)
+
+
+def map_distance(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of the max-normalised maps ``a``, ``b`` ``(B, K, h, w)`` over the pixels
+    of the classes present in ``y (B, K)``."""
+    present = (y > 0).to(a.dtype)[..., None, None]
+    diff = (max_normalised(a) - max_normalised(b)).abs() * present
+    return diff.sum() / (present.sum() * a.shape[-2] * a.shape[-1]).clamp_min(1)
+
+
+@EXPAND_METHODS.register("equivariant")
+class Equivariant(ExpandMethod):
+    """SEAM's equivariant regularisation: class maps of a rescaled image must equal the rescaled class
+    maps (``expand.equivariant.scale``, ``.weight``)."""
+
+    def regulariser(self, model: Classifier, x, feats, y):
+        e = self.cfg.equivariant
+        return e.weight * equivariance_loss(model, x, feats, y, e.scale)
 
 
 @EXPAND_METHODS.register("acol")
@@ -141,8 +179,8 @@ class Combined(TrainHooks):
             x, y = m.batch(x, y, rng)
         return x, y
 
-    def regulariser(self, model, feats, y):
-        terms = [t for m in self.methods if (t := m.regulariser(model, feats, y)) is not None]
+    def regulariser(self, model, x, feats, y):
+        terms = [t for m in self.methods if (t := m.regulariser(model, x, feats, y)) is not None]
         return sum(terms) if terms else None
 
 

@@ -87,8 +87,11 @@ def finetune_config(cfg: "Config") -> TrainClsConfig:
 
 
 def run_expand(cfg: "Config", train: Dataset, val: Dataset | None, classifier: Path, seed_cams: Path, out: Path,
-               device: torch.device) -> dict:
-    """Core of the stage (see the module docstring): writes ``out/<id>.npz``; returns timings/counts."""
+               device: torch.device, extract: Dataset | None = None) -> dict:
+    """Core of the stage (see the module docstring): fine-tunes on ``train``, writes ``out/<id>.npz`` for
+    the images of ``extract`` (a part of ``train``; default all of it); returns timings/counts. Erasing's
+    rounds before the last still extract all of ``train``: the next round erases every training image."""
+    extract = train if extract is None else extract
     e = cfg.expand
     methods: Combined = create_expand_methods(e.methods, e)
     tcfg = finetune_config(cfg)
@@ -106,7 +109,8 @@ def run_expand(cfg: "Config", train: Dataset, val: Dataset | None, classifier: P
         t_train = time.perf_counter() - t0
         model, meta = load_classifier(rdir / "cls" / "classifier.pt", device)
         t0 = time.perf_counter()
-        mine = train if size == 1 else train.subset(shard_ids([s.id for s in train], (rank, size)))
+        images = extract if r == rounds else train
+        mine = images if size == 1 else images.subset(shard_ids([s.id for s in images], (rank, size)))
         run_cam_extraction(model, mine, cfg.cam, rdir / "cam", device, meta["mean"], meta["std"])
         barrier()
         t_cam = time.perf_counter() - t0
@@ -115,11 +119,11 @@ def run_expand(cfg: "Config", train: Dataset, val: Dataset | None, classifier: P
         if methods.rounds:
             n_ok = n_all = 0
             if is_main():
-                scores = predict_scores(model, train, tcfg, device, erase)
-                allow = {s.id: scores[i, [c - 1 for c in s.labels]] >= e.erasing.stop_score for i, s in enumerate(train)}
+                scores = predict_scores(model, images, tcfg, device, erase)
+                allow = {s.id: scores[i, [c - 1 for c in s.labels]] >= e.erasing.stop_score for i, s in enumerate(images)}
                 n_ok = sum(int(a.sum()) for a in allow.values())
                 n_all = sum(len(a) for a in allow.values())
-                merge_maps(current, rdir / "cam", rdir / "merged", train, allow)
+                merge_maps(current, rdir / "cam", rdir / "merged", images, allow)
                 log.info("expand round %d: classifier still recognises %d of %d erased image-classes (stop_score %.2f)",
                          r, n_ok, n_all, e.erasing.stop_score)
             n_ok = broadcast_int(n_ok, device)  # every rank must take the same decision to stop
@@ -135,10 +139,10 @@ def run_expand(cfg: "Config", train: Dataset, val: Dataset | None, classifier: P
             report["rounds"].append(row)
     if e.merge_seed and current != seed_cams and not methods.rounds:
         if is_main():
-            merge_maps(seed_cams, current, out / "with_seed", train)
+            merge_maps(seed_cams, current, out / "with_seed", extract)
         current = out / "with_seed"
     if is_main():
-        for s in progress(train.samples, desc="expand: final maps", unit="img"):
+        for s in progress(extract.samples, desc="expand: final maps", unit="img"):
             target = out / f"{s.id}.npz"
             if not target.is_file():
                 shutil.copyfile(current / f"{s.id}.npz", target)

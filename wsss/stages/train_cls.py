@@ -79,12 +79,12 @@ class ClsDataset(torch.utils.data.Dataset):
 class TrainHooks:
     """Extension points of :func:`train_classifier` used by the expansion methods (hide-and-seek, mixup):
     ``batch`` may change a batch ``x (B, 3, S, S)``, ``y (B, K)`` before the forward pass, ``regulariser``
-    adds a loss term from the features ``(B, C, h, w)``. The base class changes nothing."""
+    adds a loss term from that batch and its features ``(B, C, h, w)``. The base class changes nothing."""
 
     def batch(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return x, y
 
-    def regulariser(self, model: Classifier, feats: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    def regulariser(self, model: Classifier, x: torch.Tensor, feats: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
@@ -93,7 +93,7 @@ def classification_loss(model: Classifier, x: torch.Tensor, y: torch.Tensor, hoo
     feats = model.forward_features(x)
     loss = sum(F.multilabel_soft_margin_loss(logits, y) for logits in model.training_logits(feats, y))
     if hooks is not None:
-        extra = hooks.regulariser(model, feats, y)
+        extra = hooks.regulariser(model, x, feats, y)
         if extra is not None:
             loss = loss + extra
     return loss
