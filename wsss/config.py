@@ -235,8 +235,6 @@ class EquivariantConfig(Section):
     scale: float = Field(0.5, gt=0.1, lt=1, description="the second view is the training crop rescaled by this")
     weight: float = Field(1.0, ge=0, description="weight of the equivariance term (L1 of max-normalised maps "
                                                  "+ the second view's classification loss)")
-    min_peak: float = Field(1.0, gt=0, description="maps peaking below this (raw class-map units; present classes "
-                                                   "peak at ~5-50) are not normalised to 1: keeps erased classes from blowing up")
 
 
 class ExpandConfig(Section):

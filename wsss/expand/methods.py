@@ -113,33 +113,29 @@ class MixupCAM(ExpandMethod):
         return loss
 
 
-def max_normalised(maps: torch.Tensor, min_peak: float = 1e-5) -> torch.Tensor:
-    """``relu(maps) / max(peak, min_peak)`` per image and class, ``(B, K, h, w)``."""
+def max_normalised(maps: torch.Tensor) -> torch.Tensor:
+    """``relu(maps) / max`` per image and class, ``(B, K, h, w)``."""
     m = F.relu(maps)
-    return m / m.flatten(2).amax(-1)[..., None, None].clamp_min(min_peak)
+    return m / m.flatten(2).amax(-1)[..., None, None].clamp_min(1e-5)
 
 
-def equivariance_loss(model: Classifier, x: torch.Tensor, feats: torch.Tensor, y: torch.Tensor, scale: float,
-                      min_peak: float = 1.0) -> torch.Tensor:
+def equivariance_loss(model: Classifier, x: torch.Tensor, feats: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
     """Scale equivariance of the class maps (SEAM, Wang et al. 2020): the maps of ``x (B, 3, S, S)``
     rescaled by ``scale`` should equal the maps of ``x`` rescaled likewise. Mean L1 distance of the
     max-normalised maps of the classes present in ``y (B, K)``, plus the classification loss of the
-    rescaled images (so that their maps stay class maps). ``feats``: the features of ``x``; maps peaking
-    below ``min_peak`` are not stretched to 1 (see :func:`map_distance`)."""
+    rescaled images (so that their maps stay class maps). ``feats``: the features of ``x``."""
     small = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, recompute_scale_factor=False)
     feats_s = model.forward_features(small)
     maps_s = model.class_maps(feats_s)
     maps = F.interpolate(model.class_maps(feats), size=maps_s.shape[-2:], mode="bilinear", align_corners=False)
-    return map_distance(maps, maps_s, y, min_peak) + F.multilabel_soft_margin_loss(model.forward_head(feats_s), y)
+    return map_distance(maps, maps_s, y) + F.multilabel_soft_margin_loss(model.forward_head(feats_s), y)
 
 
-def map_distance(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, min_peak: float = 1e-5) -> torch.Tensor:
+def map_distance(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference of the max-normalised maps ``a``, ``b`` ``(B, K, h, w)`` over the pixels
-    of the classes present in ``y (B, K)``. A map whose peak is below ``min_peak`` is divided by
-    ``min_peak``: stretching a near-empty map (a class erased from the image) to 1 multiplies its
-    gradients by 1/peak, which wrecked the classifier when combined with erasing."""
+    of the classes present in ``y (B, K)``."""
     present = (y > 0).to(a.dtype)[..., None, None]
-    diff = (max_normalised(a, min_peak) - max_normalised(b, min_peak)).abs() * present
+    diff = (max_normalised(a) - max_normalised(b)).abs() * present
     return diff.sum() / (present.sum() * a.shape[-2] * a.shape[-1]).clamp_min(1)
 
 
@@ -150,7 +146,7 @@ class Equivariant(ExpandMethod):
 
     def regulariser(self, model: Classifier, x, feats, y):
         e = self.cfg.equivariant
-        return e.weight * equivariance_loss(model, x, feats, y, e.scale, e.min_peak)
+        return e.weight * equivariance_loss(model, x, feats, y, e.scale)
 
 
 @EXPAND_METHODS.register("acol")
