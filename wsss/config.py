@@ -322,7 +322,7 @@ class AblationConfig(Section):
     """The ablation flow (`wsss run CONFIG --flow ablation`): expansion and CRF variants on one run's
     classifier and CAMs, tabulated. Scores against ground truth, so the split needs masks."""
 
-    variants: list[str] = Field(default_factory=lambda: ["plain", "erasing", "hide_and_seek", "acol", "mixup"], min_length=1,
+    variants: list[str] = Field(default_factory=lambda: ["plain", "erasing", "hide_and_seek", "acol", "mixup", "equivariant"], min_length=1,
                                 description="expansion variants: a registered method, or methods joined with + "
                                             "(e.g. hide_and_seek+acol); 'plain' = fine-tuning alone, the control")
     combine_best: bool = Field(True, description="also run the combination of the two single methods with the best CAM mIoU")
