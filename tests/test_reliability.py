@@ -298,3 +298,25 @@ def test_temp_files_of_live_writers_are_spared(tmp_path):
         other.kill()
         other.wait()
     assert remove_temp_files(tmp_path) == 1 and not live.exists()
+
+
+def test_half_written_files_never_look_like_outputs(tmp_path):
+    """A killed stage's temp file must not match the ``*.png``/``*.npz`` listings readers use (a CI failure:
+    a crf test read a half PNG named ``.k0.png.pid….tmp.png``)."""
+    import numpy as np
+
+    from wsss.camfile import load_cam, save_cam
+    from wsss.io import atomic_path, read_mask, write_palette_png
+
+    for name in ("a.png", "a.npz", "a.json"):
+        with atomic_path(tmp_path / name) as tmp:
+            tmp.write_bytes(b"partial")
+            listed = {p.name for p in tmp_path.glob("*" + Path(name).suffix)}
+            assert tmp.name not in listed and tmp.name.endswith(".tmp")
+    mask = np.zeros((3, 4), np.uint8)
+    write_palette_png(tmp_path / "m.png", mask)
+    assert (read_mask(tmp_path / "m.png") == mask).all()
+    save_cam(tmp_path / "c.npz", np.array([2]), np.full((1, 3, 4), 0.5, np.float32))
+    classes, cam = load_cam(tmp_path / "c.npz")
+    assert classes.tolist() == [2] and cam.shape == (1, 3, 4) and np.allclose(cam, 0.5, atol=1e-3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.npz", "a.png", "c.npz", "m.png"]

@@ -19,8 +19,8 @@ def save_cam(path: str | Path, classes: np.ndarray, cam: np.ndarray) -> None:
     classes = np.asarray(classes)
     if cam.ndim != 3 or cam.shape[0] != len(classes):
         raise ValueError(f"cam must be (k, H, W) with k = {len(classes)}, got {cam.shape}")
-    with atomic_path(path, suffix=".tmp.npz") as tmp:
-        np.savez(tmp, classes=classes.astype(np.int16), cam=cam.astype(np.float16))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, classes=classes.astype(np.int16), cam=cam.astype(np.float16))
 
 
 def load_cam(path: str | Path, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -42,13 +42,16 @@ def voc_palette(n: int = 256) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it onto ``path``, on error delete it."""
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``, on error delete it.
+
+    The temp name ends in ``.tmp``, never in the output's suffix, so a ``*.png`` listing of an output
+    folder never picks up the half file a killed writer left behind; writers must name the format."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # the writer's pid in the name lets remove_temp_files spare files other live processes are writing
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=suffix or ".tmp" + path.suffix,
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp",
                                    dir=path.parent)
     except OSError as e:
         raise WsssError(f"cannot write here ({e.strerror or brief(e)})", path.parent) from None
