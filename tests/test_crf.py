@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,6 +222,27 @@ def test_config_rejects_bad_crf_settings():
         load_config(None, ["crf.sweep={nope: [1]}"])
 
 
+def _children(pid: int) -> list[int]:
+    """Pids of the live processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def test_killed_run_leaves_no_half_file_and_resumes(tmp_path):
     import signal
     import subprocess
@@ -245,8 +267,14 @@ def test_killed_run_leaves_no_half_file_and_resumes(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("*.png"))) < 2:
         time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, "the CRF runs in worker processes"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "orphaned CRF workers outlive their killed parent"
     done = sorted(out.glob("*.png"))
     assert 2 <= len(done) < 16, "killed mid-run"
     for p in done:

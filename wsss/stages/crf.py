@@ -19,6 +19,7 @@ import io
 import itertools
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -62,10 +63,23 @@ def crf_one(job: Job, cfg: CrfConfig, num_classes: int) -> dict:
 _WORKER: dict = {}
 
 
-def _init_worker(cfg: dict, num_classes: int) -> None:
+def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
+    """Exit this worker once ``parent`` is gone. A SIGKILLed parent cannot stop its pool, and the
+    workers would wait forever on a task queue whose write end they themselves hold."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="wsss-parent-watch", daemon=True).start()
+
+
+def _init_worker(cfg: dict, num_classes: int, parent: int) -> None:
     import cv2
 
     cv2.setNumThreads(1)  # one process per core already
+    _exit_with_parent(parent)
     _WORKER["cfg"], _WORKER["k"] = CrfConfig(**cfg), num_classes
 
 
@@ -91,7 +105,7 @@ def run_crf(jobs: Sequence[Job], cfg: CrfConfig, num_classes: int, workers: int 
             return out
         # spawn: workers must not inherit a parent that may hold torch/OpenMP thread pools
         with ProcessPoolExecutor(n, mp_context=get_context("spawn"), initializer=_init_worker,
-                                 initargs=(config_to_dict(cfg), num_classes)) as pool:
+                                 initargs=(config_to_dict(cfg), num_classes, os.getpid())) as pool:
             futures = [pool.submit(_worker, job) for job in jobs]
             try:
                 for f in as_completed(futures):
