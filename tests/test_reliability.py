@@ -320,3 +320,24 @@ def test_half_written_files_never_look_like_outputs(tmp_path):
     classes, cam = load_cam(tmp_path / "c.npz")
     assert classes.tolist() == [2] and cam.shape == (1, 3, 4) and np.allclose(cam, 0.5, atol=1e-3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.npz", "a.png", "c.npz", "m.png"]
+
+
+def test_force_reruns_a_stage_and_everything_after_it(run_copy, run_cli):
+    """`--force crf` recomputes crf and every later stage (same outputs: same seed), leaving earlier stages
+    alone; `--from/--to` run only their slice."""
+    import re
+
+    def statuses(out: str) -> dict[str, str]:
+        return dict(re.findall(r"^\s+(\S+)\s+(done|up to date)\s", out, re.M))
+
+    masks = _digests(run_copy / "crf")
+    cam_mtime = _first_cam(run_copy).stat().st_mtime_ns
+    code, out, err = run_cli("run", *_args(run_copy, "--force", "crf"))
+    assert code == 0, err
+    s = statuses(out)
+    assert s["data"] == s["train-cls"] == s["cam"] == "up to date", s
+    assert s["crf"] == s["train-seg"] == s["predict"] == "done", s
+    assert _first_cam(run_copy).stat().st_mtime_ns == cam_mtime and _digests(run_copy / "crf") == masks
+    code, out, err = run_cli("run", *_args(run_copy, "--from", "crf", "--to", "crf", "--force", "crf"))
+    assert code == 0, err
+    assert set(statuses(out)) == {"crf"} and statuses(out)["crf"] == "done"
