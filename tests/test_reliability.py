@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -303,9 +304,7 @@ def test_temp_files_of_live_writers_are_spared(tmp_path):
 def test_half_written_files_never_look_like_outputs(tmp_path):
     """A killed stage's temp file must not match the ``*.png``/``*.npz`` listings readers use (a CI failure:
     a crf test read a half PNG named ``.k0.png.pid….tmp.png``)."""
-    import numpy as np
-
-    from wsss.camfile import load_cam, save_cam
+    from wsss.camfile import save_cam
     from wsss.io import atomic_path, read_mask, write_palette_png
 
     for name in ("a.png", "a.npz", "a.json"):
@@ -325,7 +324,6 @@ def test_half_written_files_never_look_like_outputs(tmp_path):
 def test_force_reruns_a_stage_and_everything_after_it(run_copy, run_cli):
     """`--force crf` recomputes crf and every later stage (same outputs: same seed), leaving earlier stages
     alone; `--from/--to` run only their slice."""
-    import re
 
     def statuses(out: str) -> dict[str, str]:
         return dict(re.findall(r"^\s+(\S+)\s+(done|up to date)\s", out, re.M))
