@@ -339,3 +339,25 @@ def test_force_reruns_a_stage_and_everything_after_it(run_copy, run_cli):
     code, out, err = run_cli("run", *_args(run_copy, "--from", "crf", "--to", "crf", "--force", "crf"))
     assert code == 0, err
     assert set(statuses(out)) == {"crf"} and statuses(out)["crf"] == "done"
+
+
+def test_killed_training_is_not_resumed_on_changed_inputs(run_copy, run_cli):
+    """A training killed after its checkpoint (no manifest yet) resumes when nothing changed, but when its
+    inputs change (here: new pseudo-masks from other CRF thresholds) the stale checkpoint is discarded and
+    training starts again on the new masks."""
+    seg = run_copy / "seg"
+
+    def kill_after_checkpoint() -> None:
+        for name in ("manifest.json", "segmenter.pt"):
+            (seg / name).unlink()
+        assert (seg / "checkpoint.pt").is_file()
+
+    kill_after_checkpoint()
+    code, out, err = run_cli("train-seg", *_args(run_copy))
+    assert code == 0 and "resumed from" in out + err, out + err  # same inputs: the checkpoint is continued
+    kill_after_checkpoint()
+    code, out, err = run_cli("run", *_args(run_copy, "crf.fg_threshold=0.5", "crf.low_threshold=0.3"))
+    assert code == 0, err
+    assert "resumed from" not in out + err, out + err
+    man = json.loads((seg / "manifest.json").read_text())
+    assert man["inputs"]["crf"] == json.loads((run_copy / "crf" / "manifest.json").read_text())["key"]

@@ -272,7 +272,7 @@ def run_train_cls_stage(cfg: "Config", run_dir: str | Path, force: bool = False,
     An interrupted training (``checkpoint.pt`` without a finished manifest) is resumed.
     """
     from wsss.config import config_hash
-    from wsss.manifest import StageOutcome, finished_outcome, read_manifest, stage_key, write_manifest
+    from wsss.manifest import StageOutcome, finished_outcome, prepare_output_folder, read_manifest, stage_key, write_manifest
     from wsss.stages.data import open_split
 
     started = time.time()
@@ -287,8 +287,13 @@ def run_train_cls_stage(cfg: "Config", run_dir: str | Path, force: bool = False,
     done = finished_outcome(out, "train-cls", chash, inputs, force, required=("classifier.pt",))
     if done is not None:
         return done
+    key = stage_key("train-cls", chash, inputs)
     old = read_manifest(out)
-    if force or (old is not None and old.get("key") != stage_key("train-cls", chash, inputs)):
+    if is_main():
+        # the .key marker is written before training starts, so a killed run's checkpoint is discarded
+        # when the config or the inputs (e.g. new pseudo-masks) change, not resumed on the wrong data
+        prepare_output_folder(out, key, force, "checkpoint.pt", "classifier.pt", "log.csv")
+    if force or (old is not None and old.get("key") != key):
         for name in ("checkpoint.pt", "classifier.pt", "manifest.json") if is_main() else ():
             (out / name).unlink(missing_ok=True)
     barrier()
