@@ -1,4 +1,4 @@
-"""The standard flow: data -> train-cls -> cam -> expand -> crf -> train-seg -> predict -> eval.
+"""The standard flow: data -> train-cls -> cam -> expand -> crf -> affinity -> train-seg -> predict -> eval.
 
 Each stage writes its folder of the run directory; a stage whose manifest key matches is skipped.
 At the end it writes ``report.json``/``report.html`` and a gallery (``run.gallery_images``).
@@ -14,6 +14,7 @@ from typing import Callable
 
 from wsss.config import Config, save_config
 from wsss.manifest import StageOutcome
+from wsss.stages.affinity import run_affinity_stage
 from wsss.stages.cam import run_cam_stage
 from wsss.stages.crf import run_crf_stage
 from wsss.stages.data import run_data_stage
@@ -26,7 +27,7 @@ from wsss.stages.train_seg import run_train_seg_stage
 log = logging.getLogger(__name__)
 
 #: Pipeline order.
-STAGE_ORDER: tuple[str, ...] = ("data", "train-cls", "cam", "expand", "crf", "train-seg", "predict", "eval")
+STAGE_ORDER: tuple[str, ...] = ("data", "train-cls", "cam", "expand", "crf", "affinity", "train-seg", "predict", "eval")
 
 
 @dataclass
@@ -45,6 +46,13 @@ def _expand(cfg: Config, run_dir: Path, force: bool) -> StageOutcome | None:
     return run_expand_stage(cfg, run_dir, force=force)
 
 
+def _affinity(cfg: Config, run_dir: Path, force: bool) -> StageOutcome | None:
+    if not cfg.affinity.enabled:
+        log.info("stage affinity: disabled (affinity.enabled=false)")
+        return None
+    return run_affinity_stage(cfg, run_dir, force=force)
+
+
 def _stages() -> dict[str, Callable[[Config, Path, bool], StageOutcome | None]]:
     return {
         "data": lambda cfg, run_dir, force: run_data_stage(cfg.data, run_dir, force=force),
@@ -52,6 +60,7 @@ def _stages() -> dict[str, Callable[[Config, Path, bool], StageOutcome | None]]:
         "cam": lambda cfg, run_dir, force: run_cam_stage(cfg, run_dir, force=force),
         "expand": _expand,
         "crf": lambda cfg, run_dir, force: run_crf_stage(cfg, run_dir, force=force),
+        "affinity": _affinity,
         "train-seg": lambda cfg, run_dir, force: run_train_seg_stage(cfg, run_dir, force=force),
         "predict": lambda cfg, run_dir, force: run_predict_stage(cfg, run_dir, force=force),
         "eval": lambda cfg, run_dir, force: run_eval_stage(cfg, run_dir, force=force),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from wsss.affinity import grid_size
 from wsss.errors import ConfigError, WsssError
 from wsss.models import BACKBONES, Classifier, create_backbone
 from wsss.models.inference import count_batchnorm, fold_batchnorm
@@ -58,6 +61,20 @@ class BackboneTester:
             a, b = model.forward_features(x), folded.forward_features(x)
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
         assert count_batchnorm(model.backbone) > 0, "the original model is left unchanged"
+
+    def test_forward_levels(self):
+        """The multi-level features the affinity stage learns from: the declared channels, stride 4 then
+        the stride-8 grid, the last at the output's resolution; the input is not modified."""
+        net = self.build(16 if 16 in self.strides else self.strides[-1])
+        x = torch.randn(1, 3, self.size, self.size + 24)
+        x0 = x.clone()
+        with torch.no_grad():
+            levels, out = net.forward_levels(x), net(x)
+        assert torch.equal(x, x0)
+        assert [f.shape[1] for f in levels] == list(net.level_channels) and len(levels) >= 3
+        assert levels[0].shape[-2:] == (math.ceil(self.size / 4), math.ceil((self.size + 24) / 4))
+        assert levels[1].shape[-2:] == grid_size(self.size, self.size + 24)
+        assert levels[-1].shape[-2:] == out.shape[-2:] and all(torch.isfinite(f).all() for f in levels)
 
     def test_backward_and_stem(self):
         net = self.build(self.strides[-1])

@@ -70,6 +70,36 @@ def test_crf_pseudo_masks_beat_the_cams(demo_run):
     assert len(list((demo_run / "crf").glob("*.png"))) == 500
 
 
+def test_affinity_stage_through_the_cli(demo_run, capsys):
+    """`wsss affinity` on the finished run: the head's loss falls, the walked maps keep the CAMs' format
+    and classes, the new pseudo-masks are valid and clearly better than chance, train-seg would read
+    them, and a re-run is up to date."""
+    from wsss.cli import main
+    from wsss.config import load_config
+    from wsss.stages.train_seg import pseudo_mask_stage
+
+    args = ["configs/demo.yaml", f"run.out_dir={demo_run}", *SETTINGS, "affinity.enabled=true", "affinity.epochs=2"]
+    assert main(["affinity", *args]) == 0
+    out = demo_run / "affinity"
+    log = (out / "log.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[1]) for r in log]
+    assert len(losses) == 2 and losses[1] < losses[0], losses
+    ds = load_voc(demo_run / "data" / "synth", "train")
+    assert len(list((out / "masks").glob("*.png"))) == len(list((out / "maps").glob("*.npz"))) == len(ds) == 500
+    for s in ds.samples[:20]:
+        c0, _ = load_cam(demo_run / "cam" / f"{s.id}.npz")
+        c1, m1 = load_cam(out / "maps" / f"{s.id}.npz")
+        assert np.array_equal(c0, c1) and m1.shape[1:] == (128, 128) and m1.min() >= 0 and m1.max() <= 1
+        mask = read_mask(out / "masks" / f"{s.id}.png")
+        assert set(np.unique(mask)) <= {0, 255, *map(int, c0)}
+    capsys.readouterr()
+    assert main(["eval", "masks", *args, "--masks", str(out / "masks")]) == 0
+    res = json.loads((out / "masks" / "eval" / "summary.json").read_text())
+    assert res["mIoU"] > 35.0 and res["kept_share"] > 50.0, res
+    assert pseudo_mask_stage(load_config("configs/demo.yaml", ["affinity.enabled=true"])) == ("affinity", "affinity/masks")
+    assert main(["affinity", *args]) == 0 and "up to date" in capsys.readouterr().out
+
+
 def test_segmenter_learns_from_the_pseudo_masks(demo_run):
     """Trained on the pseudo-masks of train, scored on val: far above predicting background everywhere
     (about 15 mIoU here), and its predictions are palette PNGs of the photos' sizes."""

@@ -19,7 +19,7 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*=")
 
 
 #: the config sections that choose a device; ``--device X`` sets all of them
-DEVICE_SECTIONS = ("train_cls", "cam", "train_seg", "predict")
+DEVICE_SECTIONS = ("train_cls", "cam", "affinity", "train_seg", "predict")
 
 
 def _overrides(p: argparse.ArgumentParser, device: bool = True) -> None:
@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     crf.add_argument("--sweep", action="store_true", help="instead: try the crf.sweep grid on the first crf.sweep_images "
                      "labelled images and write the best setting as a config snippet (reads ground truth)")
     _overrides(crf)
+
+    af = sub.add_parser("affinity", help="learn pixel affinities from the pseudo-masks, random-walk the CAMs, CRF them again")
+    af.add_argument("config", type=Path, help="YAML config (sections run, data, cam, crf, affinity)")
+    af.add_argument("--force", action="store_true", help="retrain the head and recompute every map and mask")
+    _overrides(af)
 
     ts = sub.add_parser("train-seg", help="train a DeepLab segmenter on the pseudo-masks (or the ground truth: --masks gt)")
     ts.add_argument("config", type=Path, help="YAML config (sections run, data, train_seg)")
@@ -421,6 +426,17 @@ def _cmd_crf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_affinity(args: argparse.Namespace) -> int:
+    from wsss.stages.affinity import run_affinity_stage
+
+    cfg, run_dir = _stage_setup(args)
+    outcome = run_affinity_stage(cfg, run_dir, force=args.force)
+    o = outcome.manifest["outputs"]
+    print(f"affinity: {'up to date' if outcome.skipped else 'done'}; {o['images']} masks from {o['source']} walked along learned "
+          f"affinities, foreground {100 * o['mean_fg_share']:.1f}%, ignored {100 * o['mean_ignore_share']:.1f}% -> {run_dir / 'affinity' / 'masks'}")
+    return 0
+
+
 def _cmd_eval_masks(args: argparse.Namespace) -> int:
     from wsss.stages.crf import evaluate_masks, write_mask_report
 
@@ -575,6 +591,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_expand(args)
         elif args.command == "crf":
             return _cmd_crf(args)
+        elif args.command == "affinity":
+            return _cmd_affinity(args)
         elif args.command == "train-seg":
             return _cmd_train_seg(args)
         elif args.command == "predict":

@@ -296,6 +296,33 @@ class CrfConfig(Section):
         return self
 
 
+class AffinityConfig(Section):
+    """Stage 4b: learn pixel affinities from the confident CRF pseudo-masks and random-walk the maps
+    along them (AffinityNet), then refine the walked maps with the CRF (the ``crf`` section's kernels,
+    this section's thresholds) into the pseudo-masks that train-seg uses."""
+
+    enabled: bool = Field(False, description="run this stage in `wsss run` (train-seg then reads RUN/affinity/masks)")
+    epochs: int = Field(2, ge=1, description="training epochs of the affinity head (the backbone stays frozen)")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate (poly decay)")
+    width: int = Field(64, ge=4, description="channels per feature level in the head (a multiple of 4)")
+    dim: int = Field(128, ge=1, description="embedding channels")
+    min_share: float = Field(0.75, gt=0, le=1, description="a stride-8 cell is labelled when this share of its pixels agree")
+    radius: int = Field(5, ge=1, le=12, description="pairs within this many stride-8 cells (training and walk)")
+    beta: float = Field(16.0, gt=0, description="the walk uses affinity ** beta (sharper edges)")
+    steps: int = Field(256, ge=1, description="random-walk steps")
+    fg_threshold: float = Field(0.5, ge=0, le=1, description="CRF confidence mode on the walked maps: background score of the foreground pass")
+    low_threshold: float = Field(0.3, ge=0, le=1, description="... and of the background pass (between the two: 255)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AffinityConfig":
+        if self.low_threshold > self.fg_threshold:
+            raise ValueError(f"low_threshold ({self.low_threshold}) must not exceed fg_threshold ({self.fg_threshold})")
+        if self.width % 4:
+            raise ValueError(f"width must be a multiple of 4 (GroupNorm with 4 groups), got {self.width}")
+        return self
+
+
 class EvalConfig(Section):
     """Scoring against ground truth (never read by weakly-supervised stages)."""
 
@@ -343,6 +370,7 @@ class Config(Section):
     cam: CamConfig = Field(default_factory=CamConfig)
     expand: ExpandConfig = Field(default_factory=ExpandConfig)
     crf: CrfConfig = Field(default_factory=CrfConfig)
+    affinity: AffinityConfig = Field(default_factory=AffinityConfig)
     train_seg: TrainSegConfig = Field(default_factory=TrainSegConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -44,6 +44,9 @@ def mask_overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.6) -> np.
     return ((1 - alpha) * image + alpha * voc_palette()[mask]).astype(np.uint8)
 
 
+IOU_LABELS = {"pseudo": "pseudo-mask", "affinity": "affinity pseudo-mask", "pred": "prediction"}
+
+
 def image_miou(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
     """mIoU (%) over the classes present in ``gt`` or ``pred``, on pixels neither marks 255."""
     cm = confusion(gt, pred, num_classes)
@@ -90,7 +93,9 @@ def build_gallery(ds: Dataset, run_dir: Path, out: Path, pred_dir: Path | None, 
                 for c, m in zip(classes, cam):
                     tiles.append((f"{caption} {ds.classes[c]}", heatmap(photo, m)))
         gt = ds.read_mask(i) if s.mask is not None else None
-        for name, caption, folder in (("pseudo", "pseudo-mask", run_dir / "crf"), ("pred", "prediction", pred_dir)):
+        masks = [("pseudo", "pseudo-mask", run_dir / "crf"), ("affinity", "affinity pseudo-mask", run_dir / "affinity" / "masks"),
+                 ("pred", "prediction", pred_dir)]
+        for name, caption, folder in masks:
             if folder is not None and (folder / f"{s.id}.png").is_file():
                 mask = read_mask(folder / f"{s.id}.png")
                 tiles.append((caption, mask_overlay(photo, mask)))
@@ -141,12 +146,12 @@ def render_gallery(cards: Sequence[Card], classes: Sequence[str], title: str) ->
     options = "".join(f"<option value='{e(c)}'>{e(c)}</option>" for c in classes[1:])
     has = {key for c in cards for key in c.iou}
     sorts = "<option value=id>image id</option>" + "".join(
-        f"<option value='iou-{k}'>worst {label} IoU first</option>" for k, label in (("pseudo", "pseudo-mask"), ("pred", "prediction"))
+        f"<option value='iou-{k}'>worst {label} IoU first</option>" for k, label in IOU_LABELS.items()
         if k in has)
     items = []
     for c in cards:
         ious = " ".join(f"data-iou-{k}='{v}'" for k, v in c.iou.items())
-        iou_text = ", ".join(f"{'pseudo-mask' if k == 'pseudo' else 'prediction'} mIoU {v:.1f}" for k, v in c.iou.items())
+        iou_text = ", ".join(f"{IOU_LABELS[k]} mIoU {v:.1f}" for k, v in c.iou.items())
         tiles = "".join(f"<figure><img loading=lazy src='{e(p)}' alt='{e(cap)}'><figcaption>{e(cap)}</figcaption></figure>"
                         for cap, p in c.tiles)
         items.append(f"<div class=card data-classes='{e(' '.join(c.classes))}' {ious}><h3>{e(c.id)} "

@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 
 #: (stage, folder in the run directory); ``{split}``/``{seg}`` are filled from the config
 STAGE_FOLDERS = [("data", "data"), ("train-cls", "cls"), ("cam", "cam"), ("expand", "expand"), ("crf", "crf"),
-                 ("train-seg", "{seg}"), ("predict", "{pred}/{split}"), ("eval", "eval")]
+                 ("affinity", "affinity"), ("train-seg", "{seg}"), ("predict", "{pred}/{split}"), ("eval", "eval")]
 
-METRIC_LABELS = {"cam": "CAM seeds", "expand": "expanded CAMs", "crf": "pseudo-masks", "seg": "segmenter",
+METRIC_LABELS = {"cam": "CAM seeds", "expand": "expanded CAMs", "crf": "pseudo-masks", "affinity": "affinity pseudo-masks", "seg": "segmenter",
                  "seg_gt": "segmenter on ground truth"}
 
 
@@ -54,7 +54,7 @@ def collect(run_dir: str | Path, seg_folder: str = "seg", split: str = "val") ->
     run_dir = Path(run_dir)
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
     # an expand/ folder left by an earlier `wsss expand` is not part of a run that has the stage switched off
-    disabled = {"expand"} if config and not config.get("expand", {}).get("enabled", True) else set()
+    disabled = {name for name in ("expand", "affinity") if config and not config.get(name, {}).get("enabled", name == "expand")}
     stages = []
     for stage, folder in STAGE_FOLDERS:
         folder = folder.format(seg=seg_folder, split=split, pred="predict" if seg_folder == "seg" else "predict_gt")
@@ -85,7 +85,7 @@ def summary_lines(report: dict[str, Any], done: list[tuple[str, float, bool]] | 
     m = report["metrics"]
     for st in report["stages"]:
         name = st["stage"]
-        key = {"cam": "cam", "expand": "expand", "crf": "crf", "predict": "seg"}.get(name)
+        key = {"cam": "cam", "expand": "expand", "crf": "crf", "affinity": "affinity", "predict": "seg"}.get(name)
         res = _metric_text(key, m[key]) if key in m else ""
         secs = "" if st["seconds"] is None else f"{st['seconds']:8.1f}"
         lines.append(f"  {name:<10} {status.get(name, 'not run'):<11} {secs:>8}   {res}".rstrip())

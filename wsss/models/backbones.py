@@ -31,6 +31,14 @@ class Backbone(nn.Module):
     def stem_modules(self) -> list[nn.Module]:
         return []
 
+    #: channels of each tensor :meth:`forward_levels` returns
+    level_channels: tuple[int, ...] = ()
+
+    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Features at increasing depth: stride 4, stride 8, ..., the output last (what the affinity
+        stage learns pixel similarity from). ``(B, 3, H, W)`` -> list of ``(B, C_l, H/s_l, W/s_l)``."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose multi-level features")
+
 
 def create_backbone(name: str, pretrained: bool | str = False, output_stride: int = 16, **kw) -> Backbone:
     """Create a registered backbone. ``pretrained``: False, True (the packaged/cached ImageNet
@@ -66,12 +74,18 @@ class TinyNet(Backbone):
         self.layer3 = nn.Sequential(_conv_bn(2 * w, 4 * w, last_stride), _conv_bn(4 * w, 4 * w, dilation=2))
         self.out_channels = 4 * w
         self.output_stride = output_stride
+        self.level_channels = (w, 2 * w, 4 * w)
 
     def stem_modules(self) -> list[nn.Module]:
         return [self.stem]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer3(self.layer2(self.layer1(self.stem(x))))
+
+    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        a = self.layer1(self.stem(x))
+        b = self.layer2(a)
+        return [a, b, self.layer3(b)]
 
 
 @BACKBONES.register("tiny")

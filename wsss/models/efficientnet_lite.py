@@ -68,6 +68,7 @@ class EfficientNetLite(Backbone):
         self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
         self._bn0 = nn.BatchNorm2d(32, **_BN)
         blocks, stride_so_far, dilation = [], 2, 1
+        ends: dict[int, tuple[int, int]] = {}  # stride -> (index of its last block, channels)
         for si, (k, s, e, cin, cout, reps) in enumerate(_STAGES):
             cin = 32 if si == 0 else _round_filters(cin, width)
             cout = _round_filters(cout, width)
@@ -83,7 +84,11 @@ class EfficientNetLite(Backbone):
                 d = dilation if r == 0 else dilation_next
                 blocks.append(_MBConv(k, s if r == 0 else 1, e, cin if r == 0 else cout, cout, d))
             dilation = dilation_next
+            ends[stride_so_far] = (len(blocks) - 1, cout)
         self._blocks = nn.ModuleList(blocks)
+        # stride 4, stride 8, and the last block (before the 1x1 head conv, which adds no spatial detail)
+        self._level_ends = [ends[4][0], ends[8][0], len(blocks) - 1]
+        self.level_channels = (ends[4][1], ends[8][1], cout)
         self._conv_head = nn.Conv2d(_round_filters(320, width), 1280, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(1280, **_BN)
         self.act = nn.ReLU6(inplace=True)
@@ -99,6 +104,15 @@ class EfficientNetLite(Backbone):
         for b in self._blocks:
             x = b(x)
         return self.act(self._bn1(self._conv_head(x)))
+
+    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.act(self._bn0(self._conv_stem(x)))
+        out = []
+        for i, b in enumerate(self._blocks):
+            x = b(x)
+            if i in self._level_ends:
+                out.append(x)
+        return out
 
 
 def packaged_weights_path(name: str) -> Path:

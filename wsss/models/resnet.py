@@ -66,6 +66,8 @@ class ResNetBackbone(Backbone):
         self.out_channels = net.fc.in_features
         self.output_stride = output_stride
         self.name = name
+        expansion = self.out_channels // 512  # 1 for basic blocks, 4 for bottlenecks
+        self.level_channels = tuple(c * expansion for c in (64, 128, 256, 512))
 
     def stem_modules(self) -> list[nn.Module]:
         return [self.conv1, self.bn1, self.layer1]
@@ -73,6 +75,12 @@ class ResNetBackbone(Backbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = [self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))]
+        for layer in (self.layer2, self.layer3, self.layer4):
+            out.append(layer(out[-1]))
+        return out
 
 
 def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:

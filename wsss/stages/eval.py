@@ -84,7 +84,9 @@ def run_eval_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> "
     out = run_dir / "eval"
     names = ("cam", "expand") if cfg.expand.enabled else ("cam",)
     scored = {name: man for name in names if (man := read_manifest(run_dir / name)) is not None}
-    mask_stages = {name: man for name in ("crf",) if (man := read_manifest(run_dir / name)) is not None}
+    mask_folders = {"crf": run_dir / "crf", "affinity": run_dir / "affinity" / "masks"}
+    mask_stages = {name: man for name in (("crf", "affinity") if cfg.affinity.enabled else ("crf",))
+                   if (man := read_manifest(run_dir / name)) is not None}
     from wsss.stages.predict import predict_folder
 
     pred_dir = predict_folder(cfg, run_dir)
@@ -110,7 +112,7 @@ def run_eval_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> "
         log.info("eval %s: mIoU %.1f at threshold %.2f (fg precision %.1f, recall %.1f) on %d %s images", name,
                  r["mIoU"], r["best_threshold"], r["fg_precision"], r["fg_recall"], len(ds), split)
     for name in mask_stages:
-        res = evaluate_masks(run_dir / name, ds)
+        res = evaluate_masks(mask_folders[name], ds)
         write_mask_report(res, ds.classes, run_dir / name / "eval")
         results[name] = {k: v for k, v in res.items() if k != "confusion"}
         log.info("eval %s: mIoU %.1f on kept pixels, %.1f%% kept, on %d %s images", name, res["mIoU"], res["kept_share"], len(ds), split)

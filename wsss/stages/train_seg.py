@@ -51,6 +51,12 @@ log = logging.getLogger(__name__)
 MaskSource = Callable[[int], np.ndarray]
 
 
+def pseudo_mask_stage(cfg: "Config") -> tuple[str, str]:
+    """(stage, folder in the run directory) of the pseudo-masks train-seg reads by default: the affinity
+    stage's when it is enabled, else the crf stage's."""
+    return ("affinity", "affinity/masks") if cfg.affinity.enabled else ("crf", "crf")
+
+
 def pseudo_mask_source(ds: Dataset, mask_dir: str | Path) -> MaskSource:
     """Masks ``<mask_dir>/<id>.png`` for the images of ``ds`` (all must exist; checked now)."""
     mask_dir = Path(mask_dir)
@@ -251,7 +257,7 @@ def run_train_seg_stage(cfg: "Config", run_dir: str | Path, force: bool = False,
     """Pipeline entry: train on ``data.train_split`` with the crf stage's pseudo-masks (or
     ``train_seg.mask_dir``, or the ground truth) into ``RUN/seg/`` (``RUN/seg_gt/``), unless up to date."""
     from wsss.config import config_hash
-    from wsss.manifest import StageOutcome, finished_outcome, read_manifest, stage_key, write_manifest
+    from wsss.manifest import StageOutcome, finished_outcome, prepare_output_folder, read_manifest, stage_key, write_manifest
     from wsss.stages.data import open_split
 
     started = time.time()
@@ -267,18 +273,24 @@ def run_train_seg_stage(cfg: "Config", run_dir: str | Path, force: bool = False,
     elif c.mask_dir is not None:
         inputs, masks = {"data": data_man["key"], "masks": _folder_key(Path(c.mask_dir))}, pseudo_mask_source(train, c.mask_dir)
     else:
-        crf_man = read_manifest(run_dir / "crf")
-        if crf_man is None:
-            raise WsssError("no finished crf stage in this run directory; run `wsss crf CONFIG` first "
+        stage, folder = pseudo_mask_stage(cfg)
+        src_man = read_manifest(run_dir / stage)
+        if src_man is None:
+            raise WsssError(f"no finished {stage} stage in this run directory; run `wsss {stage} CONFIG` first "
                             "(or set train_seg.mask_dir, or train_seg.masks=gt)", run_dir)
-        inputs, masks = {"data": data_man["key"], "crf": crf_man["key"]}, pseudo_mask_source(train, run_dir / "crf")
+        inputs, masks = {"data": data_man["key"], stage: src_man["key"]}, pseudo_mask_source(train, run_dir / folder)
     section = {k: v for k, v in config_to_dict(c).items() if k not in ("workers", "threads", "device")} | {"seed": cfg.run.seed}
     chash = config_hash(section)
     done = finished_outcome(out, "train-seg", chash, inputs, force, required=("segmenter.pt",))
     if done is not None:
         return done
+    key = stage_key("train-seg", chash, inputs)
     old = read_manifest(out)
-    if force or (old is not None and old.get("key") != stage_key("train-seg", chash, inputs)):
+    if is_main():
+        # the .key marker is written before training starts, so a killed run's checkpoint is discarded
+        # when the config or the inputs (e.g. new pseudo-masks) change, not resumed on the wrong data
+        prepare_output_folder(out, key, force, "checkpoint.pt", "segmenter.pt", "log.csv")
+    if force or (old is not None and old.get("key") != key):
         for name in ("checkpoint.pt", "segmenter.pt", "manifest.json") if is_main() else ():
             (out / name).unlink(missing_ok=True)
     barrier()
