@@ -29,7 +29,7 @@ from wsss.camfile import load_cam, save_cam
 from wsss.config import AffinityConfig, config_hash, config_to_dict, save_config
 from wsss.data.dataset import Dataset
 from wsss.errors import DataError, WsssError
-from wsss.io import read_mask
+from wsss.io import read_mask, remove_temp_files
 from wsss.log import progress
 from wsss.manifest import StageOutcome, finished_outcome, prepare_output_folder, read_manifest, stage_key, write_manifest
 from wsss.training import load_checkpoint, poly_lr, resolve_device, save_checkpoint, write_log_csv
@@ -158,6 +158,9 @@ def run_affinity_stage(cfg: "Config", run_dir: str | Path, force: bool = False) 
     if done is not None:
         return done
     prepare_output_folder(out, stage_key("affinity", chash, inputs), force, "maps", "masks", "head.pt", "checkpoint.pt", "log.csv")
+    for sub in ("maps", "masks"):  # a killed walk or CRF leaves its temp files there, not in out/
+        if (out / sub).is_dir():
+            remove_temp_files(out / sub)
     save_config(a, out / "config.yaml")
     ds = open_split(run_dir, cfg.cam.split)
     device = resolve_device(a.device)
