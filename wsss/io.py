@@ -83,11 +83,11 @@ def _alive(pid: int) -> bool:
 
 
 def remove_temp_files(folder: str | Path) -> int:
-    """Delete the temp files a killed writer left in ``folder`` (names made by :func:`atomic_path`, never
-    outputs); returns how many. Files of a writer that is still running (another torchrun rank or
+    """Delete the temp files a killed writer left in ``folder`` and its subfolders (names made by
+    :func:`atomic_path`, never outputs); returns how many. Files of a writer that is still running (another torchrun rank or
     worker process writing into the same folder) are left alone."""
     n = 0
-    for tmp in Path(folder).glob(".*.tmp*"):
+    for tmp in Path(folder).rglob(".*.tmp*"):
         pids = _WRITER_PID.findall(tmp.name)
         if pids and _alive(int(pids[-1])):
             continue

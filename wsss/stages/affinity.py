@@ -28,8 +28,9 @@ from wsss.affinity import AffinityHead, affinity_loss, grid_labels, grid_size, p
 from wsss.camfile import load_cam, save_cam
 from wsss.config import AffinityConfig, config_hash, config_to_dict, save_config
 from wsss.data.dataset import Dataset
+from wsss.data.transforms import to_tensor
 from wsss.errors import DataError, WsssError
-from wsss.io import read_mask, remove_temp_files
+from wsss.io import read_mask
 from wsss.log import progress
 from wsss.manifest import StageOutcome, finished_outcome, prepare_output_folder, read_manifest, stage_key, write_manifest
 from wsss.training import load_checkpoint, poly_lr, resolve_device, save_checkpoint, write_log_csv
@@ -41,9 +42,8 @@ log = logging.getLogger(__name__)
 
 
 def _input(image: np.ndarray, mean, std, device: torch.device) -> torch.Tensor:
-    """``(H, W, 3)`` uint8 -> normalised ``(1, 3, H, W)`` float32."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float() / 255
-    return (x - torch.tensor(mean, device=device).view(1, 3, 1, 1)) / torch.tensor(std, device=device).view(1, 3, 1, 1)
+    """``(H, W, 3)`` uint8 -> normalised ``(1, 3, H, W)`` float32 on ``device``."""
+    return to_tensor(image, mean, std)[None].to(device)
 
 
 def embed(backbone, head: AffinityHead, x: torch.Tensor) -> torch.Tensor:
@@ -158,9 +158,6 @@ def run_affinity_stage(cfg: "Config", run_dir: str | Path, force: bool = False) 
     if done is not None:
         return done
     prepare_output_folder(out, stage_key("affinity", chash, inputs), force, "maps", "masks", "head.pt", "checkpoint.pt", "log.csv")
-    for sub in ("maps", "masks"):  # a killed walk or CRF leaves its temp files there, not in out/
-        if (out / sub).is_dir():
-            remove_temp_files(out / sub)
     save_config(a, out / "config.yaml")
     ds = open_split(run_dir, cfg.cam.split)
     device = resolve_device(a.device)
