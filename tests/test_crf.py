@@ -12,7 +12,7 @@ from PIL import Image
 
 from wsss.camfile import save_cam
 from wsss.config import CrfConfig, load_config
-from wsss.crf import mask_stats, pseudo_mask, refine
+from wsss.crf import dense_crf, dense_crf_many, mask_stats, pseudo_mask, refine
 from wsss.errors import DataError
 from wsss.io import read_mask, voc_palette, write_image, write_palette_png
 from wsss.manifest import write_manifest
@@ -75,6 +75,21 @@ def test_ignore_exactly_where_confident_passes_disagree():
     assert ((m == 255) == (hi != lo)).all()
     assert (m == 255).any() and (m == 3).any() and (m == 0).any()
     assert np.array_equal(m, pseudo_mask(img, classes, cam, cfg)), "deterministic"
+
+
+def test_shared_pairwise_kernels_give_the_same_posteriors_as_separate_crfs():
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)
+    unaries = [rng.random((3, 20, 28)).astype(np.float32) * 4 for _ in range(3)]
+    copies = [u.copy() for u in unaries]
+    cfg = CrfConfig(iterations=4)
+    shared = dense_crf_many(img, unaries, cfg)
+    for u, post in zip(unaries, shared):
+        assert np.allclose(post, dense_crf(img, u, cfg), atol=1e-6)
+    assert not np.allclose(shared[0], shared[1]), "each unary gets its own inference"
+    assert all(np.array_equal(u, c) for u, c in zip(unaries, copies))
+    with pytest.raises(ValueError, match="all unaries"):
+        dense_crf_many(img, [unaries[0], unaries[1][:2]], cfg)
 
 
 @pytest.mark.parametrize("bad,msg", [

@@ -35,15 +35,27 @@ def _check(image: np.ndarray, classes: np.ndarray, cams: np.ndarray) -> None:
 def dense_crf(image: np.ndarray, unary: np.ndarray, cfg) -> np.ndarray:
     """Mean-field posterior ``(n, H, W)`` float32 for unary energies ``unary (n, H, W)`` (-log p) on
     ``image (H, W, 3)`` uint8, with the pairwise kernels and iterations of ``cfg`` (a CrfConfig)."""
+    return dense_crf_many(image, [unary], cfg)[0]
+
+
+def dense_crf_many(image: np.ndarray, unaries: list[np.ndarray], cfg) -> list[np.ndarray]:
+    """:func:`dense_crf` for several unaries ``(n, H, W)`` on the same image: the pairwise kernels (the
+    permutohedral lattices, a large share of the cost) are built once and reused, the result is the same."""
     import pydensecrf.densecrf as dcrf
 
-    n, h, w = unary.shape
+    n, h, w = unaries[0].shape
     crf = dcrf.DenseCRF2D(w, h, n)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary.reshape(n, -1), dtype=np.float32))
     crf.addPairwiseGaussian(sxy=cfg.gaussian_sxy, compat=cfg.gaussian_compat)
     crf.addPairwiseBilateral(sxy=cfg.bilateral_sxy, srgb=cfg.bilateral_srgb, rgbim=np.ascontiguousarray(image),
                              compat=cfg.bilateral_compat)
-    return np.asarray(crf.inference(cfg.iterations), dtype=np.float32).reshape(n, h, w)
+    out = []
+    for unary in unaries:
+        if unary.shape != (n, h, w):
+            raise ValueError(f"all unaries must be {(n, h, w)}, got {unary.shape}")
+        # setUnaryEnergy replaces the previous unary; inference starts afresh from the new one
+        crf.setUnaryEnergy(np.ascontiguousarray(unary.reshape(n, -1), dtype=np.float32))
+        out.append(np.asarray(crf.inference(cfg.iterations), dtype=np.float32).reshape(n, h, w))
+    return out
 
 
 def unary_energy(scores: np.ndarray, cfg) -> np.ndarray:
@@ -66,10 +78,17 @@ def unary_energy(scores: np.ndarray, cfg) -> np.ndarray:
 def refine(image: np.ndarray, cams: np.ndarray, bg: float | np.ndarray, cfg) -> np.ndarray:
     """CRF label indices ``(H, W)`` (0 = background, i = ``cams[i - 1]``) for ``cams (k, H, W)`` with
     background score ``bg`` (a constant or an ``(H, W)`` map)."""
-    bg_map = np.broadcast_to(np.asarray(bg, np.float32), cams.shape[1:])
-    scores = np.concatenate([bg_map[None], cams.astype(np.float32, copy=False)])
-    post = dense_crf(image, unary_energy(scores, cfg), cfg)
-    return post.argmax(0)
+    return refine_many(image, cams, [bg], cfg)[0]
+
+
+def refine_many(image: np.ndarray, cams: np.ndarray, bgs: list[float | np.ndarray], cfg) -> list[np.ndarray]:
+    """:func:`refine` for several background scores, sharing one CRF's pairwise kernels."""
+    fg = cams.astype(np.float32, copy=False)
+    unaries = []
+    for bg in bgs:
+        bg_map = np.broadcast_to(np.asarray(bg, np.float32), cams.shape[1:])
+        unaries.append(unary_energy(np.concatenate([bg_map[None], fg]), cfg))
+    return [post.argmax(0) for post in dense_crf_many(image, unaries, cfg)]
 
 
 def pseudo_mask(image: np.ndarray, classes: np.ndarray, cams: np.ndarray, cfg) -> np.ndarray:
@@ -83,8 +102,7 @@ def pseudo_mask(image: np.ndarray, classes: np.ndarray, cams: np.ndarray, cfg) -
     if cfg.mode == "probability":
         bg = cfg.bg_threshold if cfg.bg_score == "threshold" else np.power(1.0 - cams.max(0), cfg.alpha)
         return ids[refine(image, cams, bg, cfg)]
-    fg = refine(image, cams, cfg.fg_threshold, cfg)
-    bg = refine(image, cams, cfg.low_threshold, cfg)
+    fg, bg = refine_many(image, cams, [cfg.fg_threshold, cfg.low_threshold], cfg)
     out = ids[fg]
     out[fg != bg] = IGNORE
     return out
