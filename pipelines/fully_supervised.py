@@ -14,6 +14,7 @@ from pathlib import Path
 from pipelines.standard import RunResult
 from wsss.config import Config, save_config
 from wsss.errors import DataError
+from wsss.io import remove_temp_files
 from wsss.stages.crf import evaluate_masks, write_mask_report
 from wsss.stages.data import open_split, run_data_stage
 from wsss.stages.predict import predict_folder, run_predict_stage
@@ -36,6 +37,7 @@ def run(cfg: Config, force: tuple[str, ...] = ()) -> RunResult:
     cfg = reference_config(cfg)
     run_dir = Path(cfg.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(run_dir, recursive=False)  # a killed report or config write; stages clean their own folders
     save_config(cfg, run_dir / "config_fully_supervised.yaml")
     forced_from = min((STAGE_ORDER.index(s) for s in force if s in STAGE_ORDER), default=len(STAGE_ORDER))
     result = RunResult(run_dir)
@@ -52,6 +54,7 @@ def run(cfg: Config, force: tuple[str, ...] = ()) -> RunResult:
     if not ds.has_masks:
         raise DataError(f"split '{ds.split}' has no ground-truth masks to score the reference against", ds.root)
     res = evaluate_masks(pred, ds)
+    remove_temp_files(pred / "eval")
     write_mask_report(res, ds.classes, pred / "eval")
     result.done.append(("eval", time.time() - t0, False))
     log.info("fully-supervised reference: segmenter mIoU %.1f on %d %s images", res["mIoU"], len(ds), cfg.predict.split)

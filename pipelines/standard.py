@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from wsss.config import Config, save_config
+from wsss.io import remove_temp_files
 from wsss.manifest import StageOutcome
 from wsss.stages.affinity import run_affinity_stage
 from wsss.stages.cam import run_cam_stage
@@ -73,6 +74,7 @@ def run(cfg: Config, from_stage: str | None = None, to_stage: str | None = None,
     with ``report``, write the run report and gallery."""
     run_dir = Path(cfg.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(run_dir, recursive=False)  # a killed report or config write; stages clean their own folders
     save_config(cfg, run_dir / "config.yaml")
     order = list(STAGE_ORDER)
     lo = order.index(from_stage) if from_stage else 0

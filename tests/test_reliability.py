@@ -274,6 +274,26 @@ def test_same_seed_twice_gives_identical_masks_and_metrics(tiny_run, tmp_path):
     assert a == b
 
 
+def test_rerun_after_a_kill_in_eval_or_report_leaves_no_temp_file(run_copy):
+    """A run killed while eval wrote its reports (or while the run report was written) left temp files
+    that no stage's output-folder cleanup reached (a slow kill-test failure): the re-run removes them."""
+    import subprocess
+    import sys
+
+    from wsss.cli import main
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    (run_copy / "eval" / "manifest.json").unlink()
+    planted = [run_copy / "eval" / f".summary.json.pid{dead}.a.tmp", run_copy / "crf" / "eval" / f".summary.json.pid{dead}.b.tmp",
+               run_copy / "cam" / "eval" / f".sweep.csv.pid{dead}.c.tmp",
+               run_copy / "predict" / "val" / "eval" / f".confusion.csv.pid{dead}.d.tmp", run_copy / f".report.html.pid{dead}.e.tmp"]
+    for f in planted:
+        f.write_text("partial")
+    assert main(["run", *_args(run_copy)]) == 0
+    assert (run_copy / "eval" / "manifest.json").is_file()
+    assert _temp_files(run_copy) == []
+
+
 def test_temp_files_of_live_writers_are_spared(tmp_path):
     """Two torchrun ranks prepare the same folder: one's cleanup must not delete the temp file the other is
     writing (the cause of a CI failure), while a killed writer's leftovers still go."""

@@ -82,12 +82,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_temp_files(folder: str | Path) -> int:
-    """Delete the temp files a killed writer left in ``folder`` and its subfolders (names made by
+def remove_temp_files(folder: str | Path, recursive: bool = True) -> int:
+    """Delete the temp files a killed writer left in ``folder`` (and its subfolders with ``recursive``; names made by
     :func:`atomic_path`, never outputs); returns how many. Files of a writer that is still running (another torchrun rank or
     worker process writing into the same folder) are left alone."""
     n = 0
-    for tmp in Path(folder).rglob(".*.tmp*"):
+    for tmp in (Path(folder).rglob if recursive else Path(folder).glob)(".*.tmp*"):
         pids = _WRITER_PID.findall(tmp.name)
         if pids and _alive(int(pids[-1])):
             continue

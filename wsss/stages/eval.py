@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 from wsss.data.dataset import Dataset
 from wsss.errors import DataError
 from wsss.evaluation import SweepResult, plot_sweep, sweep_cam_thresholds
-from wsss.io import write_json, write_text
+from wsss.io import remove_temp_files, write_json, write_text
 from wsss.log import progress
 from wsss.camfile import load_cam
 
@@ -99,6 +99,8 @@ def run_eval_stage(cfg: "Config", run_dir: str | Path, force: bool = False) -> "
     done = finished_outcome(out, "eval", chash, inputs, force)
     if done is not None:
         return done
+    for folder in (out, pred_dir / "eval", *(run_dir / name / "eval" for name in (*scored, *mask_stages))):
+        remove_temp_files(folder)  # left by a killed eval
     results = {}
     split = cfg.cam.split
     ds = open_split(run_dir, split) if scored or mask_stages else None
