@@ -294,6 +294,32 @@ def test_rerun_after_a_kill_in_eval_or_report_leaves_no_temp_file(run_copy):
     assert _temp_files(run_copy) == []
 
 
+def test_output_folder_is_cleared_when_its_marker_or_manifest_names_another_key(tmp_path):
+    """prepare_output_folder keeps a folder's outputs only for the same key: the ``.key`` marker decides,
+    and a folder without one (written before markers existed) is judged by its manifest."""
+    from wsss.manifest import prepare_output_folder
+
+    def fill(folder: Path, manifest_key: str | None, marker: str | None) -> Path:
+        folder.mkdir()
+        (folder / "checkpoint.pt").write_text("x")
+        if manifest_key:
+            (folder / "manifest.json").write_text(json.dumps({"key": manifest_key}))
+        if marker:
+            (folder / ".key").write_text(marker + "\n")
+        return folder
+
+    cases = {"same-marker": (None, "k1", True), "other-marker": ("k1", "k0", False), "legacy-same": ("k1", None, True),
+             "legacy-other": ("k0", None, False), "empty": (None, None, True)}
+    for name, (man, marker, kept) in cases.items():
+        folder = fill(tmp_path / name, man, marker)
+        prepare_output_folder(folder, "k1", False, "checkpoint.pt")
+        assert (folder / "checkpoint.pt").exists() == kept, name
+        assert (folder / ".key").read_text().strip() == "k1"
+    forced = fill(tmp_path / "forced", None, "k1")
+    prepare_output_folder(forced, "k1", True, "checkpoint.pt")
+    assert not (forced / "checkpoint.pt").exists()
+
+
 def test_temp_files_of_live_writers_are_spared(tmp_path):
     """Two torchrun ranks prepare the same folder: one's cleanup must not delete the temp file the other is
     writing (the cause of a CI failure), while a killed writer's leftovers still go."""

@@ -98,10 +98,10 @@ def finished_outcome(folder: str | Path, stage: str, config_hash: str, inputs: M
 
 
 def prepare_output_folder(out: str | Path, key: str, clear: bool, *patterns: str) -> None:
-    """Make ``out`` hold only outputs of ``key`` (so a re-run resumes only its own work): remove temp
-    files left by a killed run; clear what matches ``patterns`` (files or folders), the manifest and
-    ``eval/`` when ``clear`` is set or when the ``.key`` marker (written before any output) names
-    another key."""
+    """Make ``out`` hold only outputs of ``key`` (so a re-run resumes only its own work, and a killed
+    training's checkpoint is never resumed on changed inputs): remove temp files left by a killed run;
+    clear what matches ``patterns`` (files or folders), the manifest and ``eval/`` when ``clear`` is set
+    or when the ``.key`` marker (written before any output; without one, the manifest) names another key."""
     import shutil
 
     from wsss.io import remove_temp_files, write_text
@@ -110,7 +110,12 @@ def prepare_output_folder(out: str | Path, key: str, clear: bool, *patterns: str
     out.mkdir(parents=True, exist_ok=True)
     remove_temp_files(out)
     marker = out / ".key"
-    stale = clear or (marker.is_file() and marker.read_text().strip() != key)
+    if marker.is_file():
+        stale = marker.read_text().strip() != key
+    else:  # a folder written before markers existed
+        old = read_manifest(out)
+        stale = old is not None and old.get("key") != key
+    stale = clear or stale
     if stale:
         for f in (f for pattern in patterns for f in out.glob(pattern)):
             shutil.rmtree(f) if f.is_dir() else f.unlink()

@@ -287,15 +287,8 @@ def run_train_cls_stage(cfg: "Config", run_dir: str | Path, force: bool = False,
     done = finished_outcome(out, "train-cls", chash, inputs, force, required=("classifier.pt",))
     if done is not None:
         return done
-    key = stage_key("train-cls", chash, inputs)
-    old = read_manifest(out)
     if is_main():
-        # the .key marker is written before training starts, so a killed run's checkpoint is discarded
-        # when the config or the inputs (e.g. new pseudo-masks) change, not resumed on the wrong data
-        prepare_output_folder(out, key, force, "checkpoint.pt", "classifier.pt", "log.csv")
-    if force or (old is not None and old.get("key") != key):
-        for name in ("checkpoint.pt", "classifier.pt", "manifest.json") if is_main() else ():
-            (out / name).unlink(missing_ok=True)
+        prepare_output_folder(out, stage_key("train-cls", chash, inputs), force, "checkpoint.pt", "classifier.pt", "log.csv")
     barrier()
     train = open_split(run_dir, cfg.data.train_split)
     val = open_split(run_dir, cfg.data.val_split) if cfg.data.val_split else None

@@ -284,15 +284,8 @@ def run_train_seg_stage(cfg: "Config", run_dir: str | Path, force: bool = False,
     done = finished_outcome(out, "train-seg", chash, inputs, force, required=("segmenter.pt",))
     if done is not None:
         return done
-    key = stage_key("train-seg", chash, inputs)
-    old = read_manifest(out)
     if is_main():
-        # the .key marker is written before training starts, so a killed run's checkpoint is discarded
-        # when the config or the inputs (e.g. new pseudo-masks) change, not resumed on the wrong data
-        prepare_output_folder(out, key, force, "checkpoint.pt", "segmenter.pt", "log.csv")
-    if force or (old is not None and old.get("key") != key):
-        for name in ("checkpoint.pt", "segmenter.pt", "manifest.json") if is_main() else ():
-            (out / name).unlink(missing_ok=True)
+        prepare_output_folder(out, stage_key("train-seg", chash, inputs), force, "checkpoint.pt", "segmenter.pt", "log.csv")
     barrier()
     val = open_split(run_dir, cfg.data.val_split) if cfg.data.val_split else None
     summary = train_segmenter(c, train, masks, out, val, seed=cfg.run.seed, resume=resume)
