@@ -34,7 +34,8 @@ from wsss.data.synth import generate
 from wsss.log import setup_logging
 from wsss.models import Classifier, create_backbone
 from wsss.models.inference import fold_batchnorm
-from wsss.stages.train_cls import load_classifier, train_classifier, use_channels_last
+from wsss.engine.classifier import train_classifier
+from wsss.models.checkpoint import load_classifier, use_channels_last
 
 SCALES = (1.0, 0.5, 1.5, 2.0)
 

@@ -21,8 +21,8 @@ from wsss.camfile import load_cam
 from wsss.config import CrfConfig
 from wsss.crf import refine, refine_many
 from wsss.log import setup_logging
-from wsss.stages.crf import crf_jobs, run_crf
-from wsss.stages.data import open_split
+from wsss.crf.pool import crf_jobs, run_crf
+from wsss.pipeline.runner import open_split
 
 
 def timed_run(ds, full, cam_dir, cfg, workers, scratch: Path) -> float:

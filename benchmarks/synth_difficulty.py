@@ -24,8 +24,8 @@ from wsss.cam import create_cam_method, extract_cams
 from wsss.evaluation import cams_to_mask, sweep_cam_thresholds
 from wsss.io import read_mask
 from wsss.log import setup_logging
-from wsss.metrics import confusion, miou
-from wsss.stages.train_cls import evaluate_classifier, train_classifier
+from wsss.evaluation.metrics import confusion, miou
+from wsss.engine.classifier import evaluate_classifier, train_classifier
 
 THRESHOLDS = [round(t, 2) for t in np.arange(0.05, 0.8, 0.05)]
 
@@ -63,7 +63,7 @@ def main() -> int:
     t0 = time.perf_counter()
     summary = train_classifier(ccfg, tr, args.out / "cls", va, seed=args.seed)
     t_train = time.perf_counter() - t0
-    from wsss.stages.train_cls import load_classifier
+    from wsss.models.checkpoint import load_classifier
 
     model, _ = load_classifier(args.out / "cls" / "classifier.pt")
     val = evaluate_classifier(model, va, ccfg, torch.device("cpu"))

@@ -1,1 +1,1 @@
-"""End-to-end flows built only from the public stage functions of :mod:`wsss.stages`."""
+"""Flows: lists of stages of :data:`wsss.pipeline.table.STAGES` run by :func:`wsss.pipeline.runner.run_flow`."""

@@ -2,8 +2,8 @@
 every configured CRF mode, tabulated.
 
 Built from the public stage functions only: the standard flow brings ``data``, ``train-cls`` and
-``cam`` up to date, then for every variant :func:`wsss.stages.expand.run_expand` fine-tunes the run's
-classifier and extracts maps, :func:`wsss.stages.crf.run_crf` makes pseudo-masks, and the maps and
+``cam`` up to date, then for every variant :func:`wsss.expand.rounds.run_expand` fine-tunes the run's
+classifier and extracts maps, :func:`wsss.crf.pool.run_crf` makes pseudo-masks, and the maps and
 masks are scored against ground truth. Layout::
 
     RUN/ablation/config.yaml             resolved config of this ablation
@@ -35,11 +35,13 @@ from wsss.errors import ConfigError, DataError
 from wsss.expand import create_expand_methods
 from wsss.io import read_json, write_json, write_text
 from wsss.manifest import prepare_output_folder, read_manifest, stage_key, write_manifest
-from wsss.stages.crf import crf_jobs, evaluate_masks, run_crf
-from wsss.stages.data import open_split
-from wsss.stages.eval import evaluate_cam_folder
-from wsss.stages.expand import run_expand
-from wsss.training import resolve_device, write_log_csv
+from wsss.crf.pool import crf_jobs, run_crf
+from wsss.engine.core import resolve_device, write_log_csv
+from wsss.evaluation.cams import evaluate_cam_folder
+from wsss.evaluation.masks import evaluate_masks
+from wsss.expand.rounds import run_expand
+from wsss.pipeline.runner import open_split
+from wsss.pipeline.table import folder_of
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,8 @@ def run(cfg: Config, force: bool = False) -> AblationResult:
     std = run_standard(cfg, to_stage="cam", report=False)
     run_dir = std.run_dir
     out = run_dir / "ablation"
-    cls_man, cam_man = read_manifest(run_dir / "cls"), read_manifest(run_dir / "cam")
+    cls_dir, cam_dir = folder_of(cfg, run_dir, "train-cls"), folder_of(cfg, run_dir, "cam")
+    cls_man, cam_man = read_manifest(cls_dir), read_manifest(cam_dir)
     # variants and crf_modes only add rows: changing them keeps the rows already made
     section = {"ablation": {k: v for k, v in config_to_dict(cfg.ablation).items() if k not in ("variants", "crf_modes", "combine_best")},
                "expand": config_to_dict(cfg.expand), "train_cls": config_to_dict(cfg.train_cls), "cam": config_to_dict(cfg.cam),
@@ -160,7 +163,7 @@ def run(cfg: Config, force: bool = False) -> AblationResult:
     base_dir = out / BASELINE
     row = finished(base_dir)
     if row is None:
-        row = {**score_row("CAM (stage 2)", run_dir / "cam", base_dir, ds, full, cfg), "finetune_s": 0.0, "extract_s": None}
+        row = {**score_row("CAM (stage 2)", cam_dir, base_dir, ds, full, cfg), "finetune_s": 0.0, "extract_s": None}
         write_json(base_dir / "result.json", row)
     rows = [row]
 
@@ -171,7 +174,7 @@ def run(cfg: Config, force: bool = False) -> AblationResult:
             vcfg = cfg.model_copy(update={"expand": cfg.expand.model_copy(update={"methods": variant_methods(variant)})})
             log.info("ablation: variant %s", variant)
             tune = full if cfg.ablation.finetune_all else ds
-            rep = run_expand(vcfg, tune, val, run_dir / "cls" / "classifier.pt", run_dir / "cam", folder, device, extract=ds)
+            rep = run_expand(vcfg, tune, val, cls_dir / "classifier.pt", cam_dir, folder, device, extract=ds)
             row = {**score_row(variant, folder, folder, ds, ds, cfg), "finetune_s": rep["finetune_s"],
                    "extract_s": rep["extract_s"], "rounds": len(rep["rounds"])}
             write_json(folder / "result.json", row)

@@ -9,7 +9,7 @@ from wsss.cam import CAM_METHODS, create_cam_method, extract_cams
 from wsss.cam.extract import max_normalise
 from wsss.errors import ConfigError, DataError
 from wsss.evaluation import cams_to_mask, sweep_cam_thresholds
-from wsss.metrics import confusion, miou
+from wsss.evaluation.metrics import confusion, miou
 from wsss.models import Classifier, create_backbone
 from wsss.camfile import load_cam, save_cam
 

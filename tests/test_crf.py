@@ -16,8 +16,10 @@ from wsss.crf import dense_crf, dense_crf_many, mask_stats, pseudo_mask, refine
 from wsss.errors import DataError
 from wsss.io import read_mask, voc_palette, write_image, write_palette_png
 from wsss.manifest import write_manifest
-from wsss.stages.crf import crf_one, evaluate_masks, run_crf_stage, sweep_crf
-from wsss.stages.data import open_split, run_data_stage
+from wsss.crf.pool import crf_one
+from wsss.evaluation.masks import evaluate_masks
+from wsss.pipeline.runner import open_split, run_stage
+from wsss.stages.crf import sweep as sweep_crf
 
 from tests.conftest import make_voc
 
@@ -127,7 +129,7 @@ def _run_with_cams(tmp_path, n=4):
         write_image(root / "JPEGImages" / f"{sid}.jpg", img, quality=98)
     cfg = load_config(None, [f"data.source=voc", f"data.root={root}", f"run.out_dir={tmp_path / 'run'}"])
     run_dir = tmp_path / "run"
-    run_data_stage(cfg.data, run_dir)
+    run_stage("data", cfg, run_dir)
     ds = open_split(run_dir, "train")
     for i, s in enumerate(ds):
         gt = ds.read_mask(i)
@@ -140,7 +142,7 @@ def _run_with_cams(tmp_path, n=4):
 
 def test_stage_writes_palette_pngs_stats_and_resumes(tmp_path):
     cfg, run_dir, ds = _run_with_cams(tmp_path)
-    out = run_crf_stage(cfg, run_dir, workers=1)
+    out = run_stage("crf", cfg, run_dir, workers=1)
     assert not out.skipped and out.manifest["outputs"]["computed"] == len(ds)
     for i, s in enumerate(ds):
         im = Image.open(run_dir / "crf" / f"{s.id}.png")
@@ -151,21 +153,21 @@ def test_stage_writes_palette_pngs_stats_and_resumes(tmp_path):
     res = evaluate_masks(run_dir / "crf", ds)
     assert res["mIoU"] > 90 and res["kept_share"] > 90
 
-    assert run_crf_stage(cfg, run_dir, workers=1).skipped
+    assert run_stage("crf", cfg, run_dir, workers=1).skipped
     # a killed run: one mask missing and a stale temp file; the re-run computes exactly that one
     before = (run_dir / "crf" / "i1.png").read_bytes()
     (run_dir / "crf" / "i1.png").unlink()
     (run_dir / "crf" / "manifest.json").unlink()
-    again = run_crf_stage(cfg, run_dir, workers=1)
+    again = run_stage("crf", cfg, run_dir, workers=1)
     assert again.manifest["outputs"]["computed"] == 1 and again.manifest["outputs"]["reused"] == len(ds) - 1
     assert (run_dir / "crf" / "i1.png").read_bytes() == before
 
 
 def test_two_workers_give_the_same_masks(tmp_path):
     cfg, run_dir, ds = _run_with_cams(tmp_path, n=6)
-    run_crf_stage(cfg, run_dir, workers=1)
+    run_stage("crf", cfg, run_dir, workers=1)
     one = {s.id: read_mask(run_dir / "crf" / f"{s.id}.png") for s in ds}
-    two = run_crf_stage(cfg, run_dir, force=True, workers=2)
+    two = run_stage("crf", cfg, run_dir, force=True, workers=2)
     assert two.manifest["outputs"]["workers"] == 2
     for s in ds:
         assert np.array_equal(one[s.id], read_mask(run_dir / "crf" / f"{s.id}.png"))
@@ -175,11 +177,11 @@ def test_stage_bad_inputs(tmp_path):
     cfg, run_dir, ds = _run_with_cams(tmp_path)
     save_cam(run_dir / "cam" / "ghost.npz", np.array([1]), np.zeros((1, 36, 44), np.float32))
     with pytest.raises(DataError, match="no image in split"):
-        run_crf_stage(cfg, run_dir, workers=1)
+        run_stage("crf", cfg, run_dir, workers=1)
     (run_dir / "cam" / "ghost.npz").unlink()
     (run_dir / "cam" / "i0.npz").unlink()
     with pytest.raises(DataError, match="no CAM file"):
-        run_crf_stage(cfg, run_dir, workers=1)
+        run_stage("crf", cfg, run_dir, workers=1)
     job = ("i1", str(ds[1].image), str(run_dir / "cam" / "i1.npz"), str(tmp_path / "x.png"))
     np.savez(run_dir / "cam" / "i1.npz", classes=np.array([1], np.int16), cam=np.full((1, 36, 44), np.nan, np.float16))
     with pytest.raises(DataError, match="NaN"):
@@ -194,7 +196,7 @@ def test_worker_error_is_reported(tmp_path):
     cfg, run_dir, ds = _run_with_cams(tmp_path)
     save_cam(run_dir / "cam" / "i2.npz", np.array([1]), np.zeros((1, 20, 20), np.float32))
     with pytest.raises(DataError, match="differs from its image"):
-        run_crf_stage(cfg, run_dir, workers=2)
+        run_stage("crf", cfg, run_dir, workers=2)
 
 
 def test_eval_masks_counts_kept_pixels(tmp_path):
@@ -271,7 +273,7 @@ def test_killed_run_leaves_no_half_file_and_resumes(tmp_path):
     conf = tmp_path / "c.yaml"
     conf.write_text(f"run: {{out_dir: {tmp_path / 'bigrun'}}}\ndata: {{source: voc, root: {root}}}\n")
     big = load_config(conf)
-    run_data_stage(big.data, tmp_path / "bigrun")
+    run_stage("data", big, tmp_path / "bigrun")
     bds = open_split(tmp_path / "bigrun", "train")
     rng = np.random.default_rng(0)
     for s in bds:
@@ -295,7 +297,7 @@ def test_killed_run_leaves_no_half_file_and_resumes(tmp_path):
     for p in done:
         assert read_mask(p).shape == (240, 320)  # every visible PNG is complete
     assert not (out / "manifest.json").exists()
-    again = run_crf_stage(big, tmp_path / "bigrun", workers=2)
+    again = run_stage("crf", big, tmp_path / "bigrun", workers=2)
     o = again.manifest["outputs"]
     assert o["reused"] >= len(done) and o["reused"] + o["computed"] == 16
     assert not list(out.glob(".*.tmp*")), "temp files of the killed run are cleaned up"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wsss import training
+from wsss.engine import core as training
 
 BASE = ["configs/demo.yaml", "data.synth.n_train=64", "data.synth.n_val=16", "data.synth.size=64"]
 
@@ -50,7 +50,7 @@ def test_rank_batches_split_the_one_process_batches(monkeypatch):
 
 def test_two_process_classifier_matches_one_process(tmp_path):
     from wsss.cli import main
-    from wsss.stages.train_cls import load_classifier
+    from wsss.models.checkpoint import load_classifier
 
     over = ["train_cls.epochs=4", "train_cls.freeze_bn=true", "train_cls.batch_size=16"]
     p = _torchrun(["train-cls", *BASE, *over, f"run.out_dir={tmp_path / 'ddp'}"])
@@ -67,7 +67,7 @@ def test_two_process_classifier_matches_one_process(tmp_path):
 
 
 def test_two_process_segmenter_trains_and_loads(tmp_path):
-    from wsss.stages.train_seg import load_segmenter
+    from wsss.models.checkpoint import load_segmenter
 
     p = _torchrun(["train-seg", "--masks", "gt", *BASE, "train_seg.epochs=3", "train_seg.channels=16",
                    f"run.out_dir={tmp_path / 'seg'}"])

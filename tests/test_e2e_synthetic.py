@@ -76,7 +76,7 @@ def test_affinity_stage_through_the_cli(demo_run, capsys):
     them, and a re-run is up to date."""
     from wsss.cli import main
     from wsss.config import load_config
-    from wsss.stages.train_seg import pseudo_mask_stage
+    from wsss.pipeline.table import pseudo_mask_stage
 
     args = ["configs/demo.yaml", f"run.out_dir={demo_run}", *SETTINGS, "affinity.enabled=true", "affinity.epochs=2"]
     assert main(["affinity", *args]) == 0

@@ -15,8 +15,9 @@ from wsss.expand.methods import (EXPAND_METHODS, concentration, create_expand_me
                                  map_distance, mix_batch, pixel_entropy)
 from wsss.models import create_backbone
 from wsss.models.classifier import ACoLClassifier
-from wsss.stages.expand import erase_masks, merge_maps
-from wsss.stages.train_cls import ClsDataset, classification_loss, load_classifier, train_classifier
+from wsss.engine.classifier import ClsDataset, classification_loss, train_classifier
+from wsss.expand.rounds import erase_masks, merge_maps
+from wsss.models.checkpoint import load_classifier
 from tests.conftest import make_voc
 
 
@@ -243,8 +244,8 @@ def test_extract_subset_keeps_earlier_erasing_rounds_whole(tiny_setup, tmp_path)
     """run_expand(extract=part): fine-tunes on all images; round 1's maps cover all of them (round 2 erases
     every training image), the last round's and the output only the part."""
     from wsss.config import CamConfig, Config, ErasingConfig
-    from wsss.stages.cam import run_cam_extraction
-    from wsss.stages.expand import run_expand
+    from wsss.cam.extract import extract_to_folder as run_cam_extraction
+    from wsss.expand.rounds import run_expand
 
     cfg, train, cls_path = tiny_setup
     model, meta = load_classifier(cls_path)
@@ -259,6 +260,6 @@ def test_extract_subset_keeps_earlier_erasing_rounds_whole(tiny_setup, tmp_path)
     ids = sorted(s.id for s in part)
     assert names("") == ids and names("round_2/cam") == ids and names("round_2/merged") == ids
     assert len(names("round_1/cam")) == len(names("round_1/merged")) == len(train) == 24
-    from wsss.training import load_checkpoint
+    from wsss.models.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "out" / "round_1" / "cls" / "checkpoint.pt")["iteration"] == 3  # 24 images / 8

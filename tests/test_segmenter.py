@@ -15,9 +15,10 @@ from wsss.data.dataset import load_voc
 from wsss.errors import DataError, WsssError
 from wsss.io import read_mask, write_palette_png
 from wsss.models.segmenter import SEGMENTERS, create_segmenter
-from wsss.stages.predict import input_items, overlay, predict_items, predict_probs
-from wsss.stages.train_seg import SegDataset, load_segmenter, seg_loss, train_segmenter, train_transform
-from wsss.training import save_checkpoint
+from wsss.data.presets import train_transform
+from wsss.engine.segmenter import SegDataset, seg_loss, train_segmenter
+from wsss.inference import input_items, overlay, predict_items, predict_probs
+from wsss.models.checkpoint import load_segmenter, save_checkpoint
 
 from tests.conftest import make_voc
 
@@ -151,7 +152,7 @@ def _mask_dir(tmp_path: Path, ds, value=None) -> Path:
 
 
 def test_seg_dataset_pads_mask_with_ignore_and_checks_ids(voc, tmp_path):
-    from wsss.stages.train_seg import pseudo_mask_source
+    from wsss.engine.segmenter import pseudo_mask_source
 
     ds = load_voc(voc, "train")
     cfg = TrainSegConfig(crop_size=80, scale_range=(1.0, 1.0), hflip=False)
@@ -167,7 +168,7 @@ def test_seg_dataset_pads_mask_with_ignore_and_checks_ids(voc, tmp_path):
 
 
 def test_missing_pseudo_masks_are_reported(voc, tmp_path):
-    from wsss.stages.train_seg import pseudo_mask_source
+    from wsss.engine.segmenter import pseudo_mask_source
 
     ds = load_voc(voc, "train")
     folder = _mask_dir(tmp_path, ds)

@@ -7,7 +7,10 @@ from wsss.config import SynthConfig, TrainClsConfig
 from wsss.data.dataset import load_voc
 from wsss.data.synth import generate
 from wsss.errors import WsssError
-from wsss.stages import train_cls as tc
+from wsss.engine import core
+from wsss.engine.classifier import train_classifier
+from wsss.engine.core import poly_lr
+from wsss.models.checkpoint import build_classifier, load_classifier
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +24,11 @@ CFG = dict(backbone="tiny", output_stride=8, epochs=2, batch_size=8, crop_size=4
 
 def test_train_writes_artifacts_and_loads_safely(tiny_data, tmp_path):
     tr, va = tiny_data
-    summary = tc.train_classifier(TrainClsConfig(**CFG), tr, tmp_path, va, seed=0)
+    summary = train_classifier(TrainClsConfig(**CFG), tr, tmp_path, va, seed=0)
     assert [h["epoch"] for h in summary["history"]] == [1, 2] and "val_mAP" in summary["final"]
     for f in ("classifier.pt", "checkpoint.pt", "log.csv", "config.yaml"):
         assert (tmp_path / f).is_file()
-    model, meta = tc.load_classifier(tmp_path / "classifier.pt")
+    model, meta = load_classifier(tmp_path / "classifier.pt")
     assert meta["classes"] == tr.classes and model.num_classes == tr.num_classes
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp files left behind"
 
@@ -33,10 +36,10 @@ def test_train_writes_artifacts_and_loads_safely(tiny_data, tmp_path):
 def test_resume_continues_exactly(tiny_data, tmp_path, monkeypatch):
     tr, va = tiny_data
     cfg = TrainClsConfig(**CFG)
-    tc.train_classifier(cfg, tr, tmp_path / "a", seed=3)
+    train_classifier(cfg, tr, tmp_path / "a", seed=3)
     full = torch.load(tmp_path / "a" / "classifier.pt", weights_only=True)["model"]
 
-    real_save = tc._save_checkpoint
+    real_save = core.save_checkpoint
     calls = {"n": 0}
 
     def dying_save(path, obj):
@@ -45,29 +48,29 @@ def test_resume_continues_exactly(tiny_data, tmp_path, monkeypatch):
         if calls["n"] == 1:
             raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
-    monkeypatch.setattr(tc, "_save_checkpoint", dying_save)
+    monkeypatch.setattr(core, "save_checkpoint", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        tc.train_classifier(cfg, tr, tmp_path / "b", seed=3)
-    monkeypatch.setattr(tc, "_save_checkpoint", real_save)
+        train_classifier(cfg, tr, tmp_path / "b", seed=3)
+    monkeypatch.setattr(core, "save_checkpoint", real_save)
     assert not (tmp_path / "b" / "classifier.pt").exists()
-    tc.train_classifier(cfg, tr, tmp_path / "b", seed=3, resume=True)
+    train_classifier(cfg, tr, tmp_path / "b", seed=3, resume=True)
     resumed = torch.load(tmp_path / "b" / "classifier.pt", weights_only=True)["model"]
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
 def test_resume_refuses_changed_recipe(tiny_data, tmp_path):
     tr, _ = tiny_data
-    tc.train_classifier(TrainClsConfig(**{**CFG, "epochs": 1}), tr, tmp_path, seed=0)
+    train_classifier(TrainClsConfig(**{**CFG, "epochs": 1}), tr, tmp_path, seed=0)
     with pytest.raises(WsssError, match="train_cls.lr differ"):
-        tc.train_classifier(TrainClsConfig(**{**CFG, "lr": 0.1}), tr, tmp_path, seed=0, resume=True)
+        train_classifier(TrainClsConfig(**{**CFG, "lr": 0.1}), tr, tmp_path, seed=0, resume=True)
 
 
 def test_freeze_bn_and_stem_keep_parameters(tiny_data, tmp_path):
     tr, _ = tiny_data
     cfg = TrainClsConfig(**{**CFG, "epochs": 1, "freeze_bn": True, "freeze_stem": True})
     torch.manual_seed(0)
-    before = tc.build_classifier(cfg, tr.num_classes).state_dict()
-    tc.train_classifier(cfg, tr, tmp_path, seed=0)
+    before = build_classifier(cfg, tr.num_classes).state_dict()
+    train_classifier(cfg, tr, tmp_path, seed=0)
     after = torch.load(tmp_path / "classifier.pt", weights_only=True)["model"]
     assert torch.equal(before["backbone.stem.0.weight"], after["backbone.stem.0.weight"])
     assert torch.equal(before["backbone.layer2.0.1.running_mean"], after["backbone.layer2.0.1.running_mean"])
@@ -83,20 +86,20 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, content):
     else:
         p.write_bytes(content)
     with pytest.raises(WsssError, match="cannot load checkpoint"):
-        tc.load_classifier(p)
+        load_classifier(p)
 
 
 def test_checkpoint_from_another_backbone(tiny_data, tmp_path):
     tr, _ = tiny_data
-    tc.train_classifier(TrainClsConfig(**{**CFG, "epochs": 1}), tr, tmp_path, seed=0)
+    train_classifier(TrainClsConfig(**{**CFG, "epochs": 1}), tr, tmp_path, seed=0)
     obj = torch.load(tmp_path / "classifier.pt", weights_only=True)
     obj["meta"]["backbone"] = "resnet18"
     torch.save(obj, tmp_path / "x.pt")
     with pytest.raises(WsssError, match="do not fit backbone 'resnet18'"):
-        tc.load_classifier(tmp_path / "x.pt")
+        load_classifier(tmp_path / "x.pt")
 
 
 def test_poly_lr():
-    assert tc.poly_lr(1.0, 0, 100) == 1.0
-    assert 0 < tc.poly_lr(1.0, 99, 100) < 0.02
-    assert tc.poly_lr(1.0, 0, 100, warmup=10) == pytest.approx(0.1)
+    assert poly_lr(1.0, 0, 100) == 1.0
+    assert 0 < poly_lr(1.0, 99, 100) < 0.02
+    assert poly_lr(1.0, 0, 100, warmup=10) == pytest.approx(0.1)

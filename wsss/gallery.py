@@ -26,7 +26,8 @@ from wsss.data.dataset import Dataset
 from wsss.errors import WsssError
 from wsss.io import IGNORE, read_image, read_mask, voc_palette, write_image, write_text
 from wsss.log import progress
-from wsss.metrics import confusion, iou_from_confusion
+from wsss.pipeline.table import get_stage, stage_folder
+from wsss.evaluation.metrics import confusion, iou_from_confusion
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +88,14 @@ def build_gallery(ds: Dataset, run_dir: Path, out: Path, pred_dir: Path | None, 
         card = Card(s.id, [ds.classes[c] for c in s.labels])
         tiles: list[tuple[str, np.ndarray]] = [("photo", photo)]
         for stage, caption in (("cam", "CAM"), ("expand", "expanded")):
-            path = run_dir / stage / f"{s.id}.npz"
+            path = run_dir / stage_folder(stage) / f"{s.id}.npz"
             if path.is_file():
                 classes, cam = load_cam(path, k)
                 for c, m in zip(classes, cam):
                     tiles.append((f"{caption} {ds.classes[c]}", heatmap(photo, m)))
         gt = ds.read_mask(i) if s.mask is not None else None
-        masks = [("pseudo", "pseudo-mask", run_dir / "crf"), ("affinity", "affinity pseudo-mask", run_dir / "affinity" / "masks"),
+        masks = [("pseudo", "pseudo-mask", run_dir / stage_folder("crf")),
+                 ("affinity", "affinity pseudo-mask", run_dir / stage_folder("affinity") / get_stage("affinity").masks),
                  ("pred", "prediction", pred_dir)]
         for name, caption, folder in masks:
             if folder is not None and (folder / f"{s.id}.png").is_file():
@@ -171,20 +173,19 @@ def default_split(run_dir: str | Path) -> str:
     """The split a run's CAMs (and so its pseudo-masks) were made for."""
     from wsss.manifest import read_manifest
 
-    return ((read_manifest(Path(run_dir) / "cam") or {}).get("config", {}).get("split", "train"))
+    return ((read_manifest(Path(run_dir) / stage_folder("cam")) or {}).get("config", {}).get("split", "train"))
 
 
 def write_gallery(run_dir: str | Path, split: str | None = None, out: str | Path | None = None, limit: int = 200) -> Path:
     """Build ``RUN/inspect/<split>/index.html`` (default split: the one the CAMs were extracted for)."""
-    from wsss.stages.data import open_split
-
+    from wsss.pipeline.runner import open_split
     run_dir = Path(run_dir)
-    if not (run_dir / "data" / "index.json").is_file():
+    if not (run_dir / stage_folder("data") / "index.json").is_file():
         raise WsssError("not a wsss run directory (no data/index.json)", run_dir)
     split = split or default_split(run_dir)
     ds = open_split(run_dir, split)
     out = Path(out) if out else run_dir / "inspect" / split
-    pred_dir = run_dir / "predict" / split
+    pred_dir = run_dir / stage_folder("predict", split=split)
     cards = build_gallery(ds, run_dir, out, pred_dir if pred_dir.is_dir() else None, limit)
     page = out / "index.html"
     write_text(page, render_gallery(cards, ds.classes, f"wsss run {run_dir.name}: {split} ({len(cards)} images)"))

@@ -23,9 +23,6 @@ from typing import Any, Mapping
 from wsss import __version__
 from wsss.io import read_json, write_json
 
-#: Stage folders of a run directory, in pipeline order.
-STAGES = ("data", "cls", "cam", "expand", "crf", "seg", "pred")
-
 _PACKAGES = ("torch", "torchvision", "numpy", "opencv-python-headless", "Pillow", "grad-cam", "pydensecrf2", "pydantic")
 
 
@@ -120,5 +117,5 @@ def prepare_output_folder(out: str | Path, key: str, clear: bool, *patterns: str
         for f in (f for pattern in patterns for f in out.glob(pattern)):
             shutil.rmtree(f) if f.is_dir() else f.unlink()
         (out / "manifest.json").unlink(missing_ok=True)
-        shutil.rmtree(out / "eval", ignore_errors=True)
+        shutil.rmtree(out / "eval", ignore_errors=True)  # a scored folder's report (EVAL_SUBFOLDER)
     write_text(marker, key + "\n")

@@ -21,12 +21,10 @@ import yaml
 
 from wsss.io import read_json, write_json, write_text
 from wsss.manifest import read_manifest
+from wsss.pipeline.table import EVAL_SUBFOLDER, STAGES, stage_folder
 
 log = logging.getLogger(__name__)
 
-#: (stage, folder in the run directory); ``{split}``/``{seg}`` are filled from the config
-STAGE_FOLDERS = [("data", "data"), ("train-cls", "cls"), ("cam", "cam"), ("expand", "expand"), ("crf", "crf"),
-                 ("affinity", "affinity"), ("train-seg", "{seg}"), ("predict", "{pred}/{split}"), ("eval", "eval")]
 
 METRIC_LABELS = {"cam": "CAM seeds", "expand": "expanded CAMs", "crf": "pseudo-masks", "affinity": "affinity pseudo-masks", "seg": "segmenter",
                  "seg_gt": "segmenter on ground truth"}
@@ -54,26 +52,28 @@ def collect(run_dir: str | Path, seg_folder: str = "seg", split: str = "val") ->
     run_dir = Path(run_dir)
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
     # an expand/ folder left by an earlier `wsss expand` is not part of a run that has the stage switched off
-    disabled = {name for name in ("expand", "affinity") if config and not config.get(name, {}).get("enabled", name == "expand")}
+    disabled = {s.name for s in STAGES if s.enabled is not None and config
+                and not config.get(s.section, {}).get("enabled", s.name == "expand")}
+    gt = seg_folder == stage_folder("train-seg", gt=True)
     stages = []
-    for stage, folder in STAGE_FOLDERS:
-        folder = folder.format(seg=seg_folder, split=split, pred="predict" if seg_folder == "seg" else "predict_gt")
+    for stage in (s.name for s in STAGES):
+        folder = stage_folder(stage, gt, split)
         man = None if stage in disabled else read_manifest(run_dir / folder)
         if man is None:
             continue
         stages.append({"stage": stage, "folder": folder, "seconds": man.get("wall_time_s"), "finished": man.get("finished"),
                        "outputs": {k: v for k, v in man.get("outputs", {}).items() if not isinstance(v, (dict, list))}})
-    summary = run_dir / "eval" / "summary.json"
+    summary = run_dir / stage_folder("eval") / "summary.json"
     metrics = read_json(summary) if summary.is_file() else {}
-    ref = run_dir / "predict_gt" / split / "eval" / "summary.json"
+    ref = run_dir / stage_folder("predict", True, split) / EVAL_SUBFOLDER / "summary.json"
     if ref.is_file():  # the fully-supervised reference flow's score, and the ratio to it
         metrics["seg_gt"] = {k: v for k, v in read_json(ref).items() if k != "kept_share"} | {"split": split}
         if "seg" in metrics and metrics["seg_gt"]["mIoU"]:
             metrics["ratio"] = round(metrics["seg"]["mIoU"] / metrics["seg_gt"]["mIoU"], 3)
-    sweeps = {name: _read_csv(run_dir / name / "eval" / "sweep.csv") for name in ("cam", "expand") if name not in disabled}
+    sweeps = {name: _read_csv(run_dir / stage_folder(name) / EVAL_SUBFOLDER / "sweep.csv") for name in ("cam", "expand") if name not in disabled}
     metrics = {k: v for k, v in metrics.items() if k not in disabled}
     return {"run": run_dir.name, "config": config, "stages": stages, "metrics": metrics,
-            "curves": {"cls": _read_csv(run_dir / "cls" / "log.csv"), "seg": _read_csv(run_dir / seg_folder / "log.csv")},
+            "curves": {"cls": _read_csv(run_dir / stage_folder("train-cls") / "log.csv"), "seg": _read_csv(run_dir / seg_folder / "log.csv")},
             "sweeps": {k: v for k, v in sweeps.items() if v}}
 
 

@@ -8,14 +8,22 @@ per scale is one pass per batch, whatever the number of classes.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
-from typing import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from wsss.cam.methods import CAMMethod
+
+if TYPE_CHECKING:
+    from wsss.config import CamConfig
+    from wsss.data.dataset import Dataset
+
+log = logging.getLogger(__name__)
 
 
 def _normalise(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -108,3 +116,41 @@ def extract_cams(method: CAMMethod, images: Iterable[tuple[str, np.ndarray, Sequ
             yield from flush(key)
     for key in list(pending):
         yield from flush(key)
+
+
+def extract_to_folder(model, ds: "Dataset", cfg: "CamConfig", out_dir: str | Path, device: torch.device,
+                       mean, std) -> dict:
+    """Write ``<id>.npz`` (see :mod:`wsss.camfile`) for every image of ``ds`` missing from ``out_dir``; returns counts."""
+    from wsss.camfile import save_cam
+    from wsss.cam.methods import create_cam_method
+    from wsss.log import progress
+    from wsss.models.checkpoint import use_channels_last
+    from wsss.models.inference import fold_batchnorm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [i for i, s in enumerate(ds) if not (out_dir / f"{s.id}.npz").is_file()]
+    nhwc = use_channels_last(cfg.channels_last, model)
+    if cfg.fold_bn and cfg.target_layer == "features":
+        model = fold_batchnorm(model)
+    if nhwc:
+        model = model.to(memory_format=torch.channels_last)
+    method = create_cam_method(cfg.method, model, cfg.target_layer)
+    n_done = len(ds) - len(todo)
+    if n_done:
+        log.info("cam: %d of %d images already done, resuming", n_done, len(ds))
+
+    def images():
+        for i in todo:
+            s = ds[i]
+            yield s.id, ds.read_image(i), s.labels
+
+    bar = progress(total=len(todo), desc=f"cam {cfg.method}", unit="img")
+    for sid, classes, cams in extract_cams(method, images(), mean=mean, std=std, scales=cfg.scales, flip=cfg.flip,
+                                           batch_size=cfg.batch_size, batch_pixels=cfg.batch_pixels, resize_long=cfg.resize_long, device=device,
+                                           channels_last=nhwc):
+        save_cam(out_dir / f"{sid}.npz", classes, cams)
+        bar.update(1)
+    bar.close()
+    return {"images": len(ds), "computed": len(todo), "reused": n_done}
+

@@ -17,6 +17,7 @@ stage can learn or extract anything from it.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -310,3 +311,15 @@ def _first_duplicate(items: Sequence[str]) -> str | None:
             return x
         seen.add(x)
     return None
+
+
+def dataset_fingerprint(datasets: list[Dataset]) -> str:
+    """Hash of ids, labels and image file sizes of ``datasets`` (cheap; catches edits and swaps)."""
+    h = hashlib.sha256()
+    for ds in datasets:
+        h.update(f"{ds.split}|{','.join(ds.classes)}\n".encode())
+        for s in ds:
+            st = s.image.stat()
+            h.update(f"{s.id}|{s.labels}|{st.st_size}|{s.mask is not None}\n".encode())
+    return h.hexdigest()[:16]
+

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from wsss.errors import ConfigError
 from wsss.models.classifier import Classifier
 from wsss.registry import Registry
-from wsss.stages.train_cls import TrainHooks
+from wsss.engine.classifier import TrainHooks
 
 
 class ExpandMethod(TrainHooks):

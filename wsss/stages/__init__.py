@@ -1,1 +1,3 @@
-"""Pipeline stages. Each module has a pure core function and a thin CLI entry point."""
+"""Stage adapters, one module per row of :data:`wsss.pipeline.table.STAGES` (``train-cls`` ->
+``train_cls.py``). Each wires config + folders to a domain core and provides ``inputs``, ``section``,
+``run`` and ``summary`` for :mod:`wsss.pipeline.runner`; adapters never import each other."""

@@ -1,218 +1,70 @@
-"""`wsss predict` (segmenter inference) and `wsss eval seg`.
+"""Stage 6, `wsss predict`: the run's segmenter on ``predict.split`` (:func:`wsss.inference.predict_items`).
 
-Output folder (``RUN/predict/<split>/`` for a split, or ``--out``)::
-
-    <id>.png        palette PNG (VOC colours), class ids 0..K-1
-    overlay/<id>.jpg  the photo with the mask colours blended over its foreground
-    manifest.json   (split runs) stage manifest; config.yaml: the resolved predict section
-    eval/           `wsss eval seg`: summary.json (mIoU, per-class IoU), confusion.csv
-
-Inference: the long side is resized to ``resize_long`` (the training resolution) times each scale, the
-softmax of every scale (and its mirror) is upsampled to the photo's size and averaged; optionally a
-dense CRF refines it. Same-size images share a forward pass. PNGs are written atomically, so a
-killed run resumes with the missing images.
+Output folder ``RUN/predict/<split>/`` (``RUN/predict_gt/<split>/`` for the ground-truth segmenter):
+``<id>.png`` (palette PNG, class ids 0..K-1), ``overlay/<id>.jpg`` (the photo with the mask colours
+blended over its foreground). PNGs are written atomically; a killed run resumes with the missing images.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
-from wsss.config import CrfConfig, PredictConfig, config_hash, config_to_dict, save_config
-from wsss.data.dataset import IMAGE_EXTS
-from wsss.data.transforms import check_pair
-from wsss.errors import DataError, WsssError
-from wsss.io import read_image, voc_palette, write_image, write_palette_png
-from wsss.log import progress
-
-if TYPE_CHECKING:
-    from wsss.config import Config
-    from wsss.manifest import StageOutcome
-    from wsss.models.segmenter import Segmenter
-    from wsss.shard import Shard
+from wsss.config import Config, config_to_dict
+from wsss.errors import WsssError
+from wsss.inference import predict_items
+from wsss.manifest import StageOutcome
+from wsss.models.checkpoint import load_segmenter
+from wsss.pipeline.runner import StageContext
+from wsss.pipeline.table import folder_of
 
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def predict_probs(model: "Segmenter", images: Sequence[np.ndarray], scales: Sequence[float] = (1.0,), flip: bool = True,
-                  resize_long: int | None = None, device: torch.device | str = "cpu", amp: str = "none") -> np.ndarray:
-    """Class probabilities ``(B, K, H, W)`` float32 of same-size ``images`` (each ``(H, W, 3)`` uint8),
-    averaged over ``scales`` (relative to ``resize_long``, or to the photo when None) and mirroring."""
-    from wsss.stages.train_seg import autocast
-
-    if not images:
-        raise ValueError("no images given")
-    for im in images:
-        check_pair(im)
-    h, w = images[0].shape[:2]
-    if any(im.shape[:2] != (h, w) for im in images):
-        raise ValueError("images of one call must share their size")
-    device = torch.device(device)
-    mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(model.std, device=device).view(1, 3, 1, 1)
-    x = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
-    base = 1.0 if resize_long is None else resize_long / max(h, w)
-    nhwc = getattr(model, "prefers_channels_last", False) and device.type == "cpu"
-    total = None
-    for s in scales:
-        size = (max(1, round(h * base * s)), max(1, round(w * base * s)))
-        xs = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        if flip:
-            xs = torch.cat([xs, xs.flip(-1)])
-        if nhwc:
-            xs = xs.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            logits = model.forward_head(model.forward_features(xs)).float()
-        p = torch.softmax(logits, 1)
-        if flip:
-            p = (p[: len(images)] + p[len(images):].flip(-1)) / 2
-        p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
-        total = p if total is None else total + p
-    return (total / len(scales)).cpu().numpy().astype(np.float32)
+def segmenter_path(cfg: Config, run_dir: Path) -> Path:
+    """The run's ``segmenter.pt`` (``seg/`` or ``seg_gt/`` by ``train_seg.masks``)."""
+    return folder_of(cfg, run_dir, "train-seg") / "segmenter.pt"
 
 
-def refine_with_crf(image: np.ndarray, probs: np.ndarray, cfg: CrfConfig) -> np.ndarray:
-    """Dense-CRF posterior ``(K, H, W)`` of ``probs (K, H, W)`` on ``image (H, W, 3)`` uint8."""
-    from wsss.crf import dense_crf
-
-    return dense_crf(image, -np.log(np.clip(probs, 1e-5, 1.0)), cfg)
+def inputs(ctx: StageContext) -> dict[str, str]:
+    return {"train-seg": ctx.manifest_key("train-seg", "no finished train-seg stage in this run directory; run `wsss train-seg CONFIG` first")}
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """``image (H, W, 3)`` with the palette colour of ``mask (H, W)`` blended over foreground pixels
-    (background and 255 left as they are)."""
-    colours = voc_palette()[mask].astype(np.float32)
-    fg = ((mask != 0) & (mask != 255))[..., None]
-    out = np.where(fg, (1 - alpha) * image.astype(np.float32) + alpha * colours, image.astype(np.float32))
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
-
-
-def predict_items(model: "Segmenter", items: Sequence[tuple[str, Path]], out_dir: str | Path, cfg: PredictConfig,
-                  resize_long: int | None, crf_cfg: CrfConfig | None = None, skip_done: bool = True) -> dict:
-    """Predict ``items`` (``(id, image path)``) into ``out_dir/<id>.png`` (+ overlays). Returns counts."""
-    from wsss.training import resolve_device
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.overlay:
-        (out_dir / "overlay").mkdir(exist_ok=True)
-    device = resolve_device(cfg.device)
-    model = model.to(device).eval()
-    if device.type == "cpu" and getattr(model, "prefers_channels_last", False):
-        model = model.to(memory_format=torch.channels_last)  # predict_probs feeds NHWC inputs on CPU
-    todo = [(sid, p) for sid, p in items if not (skip_done and (out_dir / f"{sid}.png").is_file())]
-    pending: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}
-    bar = progress(total=len(todo), desc="predict", unit="img")
-
-    def flush(key: tuple[int, int]) -> None:
-        group = pending.pop(key)
-        probs = predict_probs(model, [im for _, im in group], cfg.scales, cfg.flip, resize_long, device, cfg.amp)
-        for (sid, im), p in zip(group, probs):
-            if crf_cfg is not None:
-                p = refine_with_crf(im, p, crf_cfg)
-            mask = p.argmax(0).astype(np.uint8)
-            if cfg.overlay:
-                write_image(out_dir / "overlay" / f"{sid}.jpg", overlay(im, mask))
-            write_palette_png(out_dir / f"{sid}.png", mask)
-            bar.update(1)
-
-    t0 = time.perf_counter()
-    for sid, path in todo:
-        im = read_image(path)
-        pending.setdefault(im.shape[:2], []).append((sid, im))
-        if len(pending[im.shape[:2]]) >= cfg.batch_size:
-            flush(im.shape[:2])
-    for key in list(pending):
-        flush(key)
-    bar.close()
-    secs = time.perf_counter() - t0
-    return {"images": len(items), "computed": len(todo), "reused": len(items) - len(todo),
-            "seconds_per_image": round(secs / len(todo), 4) if todo else None}
-
-
-def input_items(paths: Iterable[str | Path]) -> list[tuple[str, Path]]:
-    """``(id, path)`` for image files and the images directly inside folders (ids: file stems)."""
-    items: list[tuple[str, Path]] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.is_file())
-            if not found:
-                raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) in folder", p)
-            items += [(f.stem, f) for f in found]
-        elif p.is_file():
-            items.append((p.stem, p))
-        else:
-            raise DataError("input not found", p)
-    seen: dict[str, Path] = {}
-    for sid, p in items:
-        if sid in seen:
-            raise DataError(f"two inputs would write the same output {sid}.png ({seen[sid]} and {p})")
-        seen[sid] = p
-    return items
-
-
-def predict_folder(cfg: "Config", run_dir: str | Path, split: str | None = None) -> Path:
-    """``RUN/predict/<split>`` for the pseudo-mask segmenter, ``RUN/predict_gt/<split>`` for the
-    ground-truth one."""
-    name = "predict" if cfg.train_seg.masks == "pseudo" else "predict_gt"
-    return Path(run_dir) / name / (split or cfg.predict.split)
-
-
-def segmenter_path(cfg: "Config", run_dir: Path) -> Path:
-    from wsss.stages.train_seg import seg_folder
-
-    return run_dir / seg_folder(cfg.train_seg) / "segmenter.pt"
-
-
-def run_predict_stage(cfg: "Config", run_dir: str | Path, force: bool = False, shard: "Shard | None" = None) -> "StageOutcome":
-    """Pipeline entry: predict ``predict.split`` with the run's segmenter into ``RUN/predict/<split>/``
-    (``RUN/predict_gt/<split>/`` for ``train_seg.masks=gt``)."""
-    from wsss.manifest import StageOutcome, finished_outcome, prepare_output_folder, read_manifest, stage_key, write_manifest
-    from wsss.stages.data import open_split
-    from wsss.shard import check_shards, shard_ids, write_shard_record
-    from wsss.stages.train_seg import load_segmenter, seg_folder
-
-    started = time.time()
-    run_dir = Path(run_dir)
-    seg_man = read_manifest(run_dir / seg_folder(cfg.train_seg))
-    if seg_man is None:
-        raise WsssError("no finished train-seg stage in this run directory; run `wsss train-seg CONFIG` first", run_dir)
-    out = predict_folder(cfg, run_dir)
-    section = {k: v for k, v in config_to_dict(cfg.predict).items() if k not in ("device", "batch_size")}
+def section(cfg: Config) -> dict:
+    out = {k: v for k, v in config_to_dict(cfg.predict).items() if k not in ("device", "batch_size")}
     if cfg.predict.crf:
-        section["crf"] = config_to_dict(cfg.crf)
-    chash = config_hash(section)
-    inputs = {"train-seg": seg_man["key"]}
-    done = finished_outcome(out, "predict", chash, inputs, force)
-    if done is not None:
-        return done
-    key = stage_key("predict", chash, inputs)
-    prepare_output_folder(out, key, force, "*.png", "overlay", "shards")
-    save_config(cfg.predict, out / "config.yaml")
-    ds = open_split(run_dir, cfg.predict.split)
-    model, meta = load_segmenter(segmenter_path(cfg, run_dir))
-    if list(meta["classes"]) != list(ds.classes):
-        raise WsssError(f"segmenter classes {meta['classes']} differ from the dataset's {ds.classes}", segmenter_path(cfg, run_dir))
-    resize_long = cfg.predict.resize_long or meta.get("resize_long")
-    items = [(s.id, s.image) for s in ds]
-    crf = cfg.crf if cfg.predict.crf else None
-    if shard is not None:
-        mine = set(shard_ids([s.id for s in ds], shard))
-        stats = predict_items(model, [it for it in items if it[0] in mine], out, cfg.predict, resize_long, crf)
-        write_shard_record(out, "predict", key, shard, [sid for sid, _ in items if sid in mine])
-        log.info("predict: shard %d/%d: %d images (%d computed) -> %s", *shard, stats["images"], stats["computed"], out)
-        return StageOutcome({"stage": "predict", "shard": list(shard), "outputs": stats}, skipped=False)
-    n_shards = check_shards(out, key, [s.id for s in ds])
-    stats = predict_items(model, items, out, cfg.predict, resize_long, crf) | {"shards": n_shards}
-    man = write_manifest(out, "predict", section, chash, inputs, stats, started)
-    log.info("predict: %d %s images (%d computed, %d reused), scales %s%s%s -> %s", stats["images"], cfg.predict.split,
-             stats["computed"], stats["reused"], cfg.predict.scales, " + flip" if cfg.predict.flip else "",
-             " + CRF" if cfg.predict.crf else "", out)
-    return StageOutcome(man, skipped=False)
+        out["crf"] = config_to_dict(cfg.crf)
+    return out
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, p = ctx.cfg, ctx.cfg.predict
+    full = ctx.split(p.split)
+    path = segmenter_path(cfg, ctx.run_dir)
+    model, meta = load_segmenter(path)
+    if list(meta["classes"]) != list(full.classes):
+        raise WsssError(f"segmenter classes {meta['classes']} differ from the dataset's {full.classes}", path)
+    ds = ctx.select(full)
+    stats = predict_items(model, [(s.id, s.image) for s in ds], ctx.out, p, p.resize_long or meta.get("resize_long"),
+                          cfg.crf if p.crf else None)
+    if ctx.shard is not None:
+        return stats
+    log.info("predict: %d %s images (%d computed, %d reused), scales %s%s%s -> %s", stats["images"], p.split, stats["computed"],
+             stats["reused"], p.scales, " + flip" if p.flip else "", " + CRF" if p.crf else "", ctx.out)
+    return stats | {"shards": ctx.shards}
+
+
+def predict_paths(cfg: Config, model_path: Path, items: list[tuple[str, Path]], out: Path, force: bool = False) -> dict:
+    """`wsss predict --input/--model/--out`: ``items`` (``(id, image path)``) with the segmenter at
+    ``model_path`` into ``out`` (``--force``: recompute the PNGs already there). Returns counts."""
+    model, meta = load_segmenter(model_path)
+    if force and out.is_dir():
+        for f in out.glob("*.png"):
+            f.unlink()
+    return predict_items(model, items, out, cfg.predict, cfg.predict.resize_long or meta.get("resize_long"),
+                         cfg.crf if cfg.predict.crf else None, skip_done=True)
+
+
+def summary(cfg: Config, run_dir: Path, outcome: StageOutcome) -> str:
+    o = outcome.manifest["outputs"]
+    return f"predict: {o['images']} {cfg.predict.split} images ({o['computed']} computed) -> {folder_of(cfg, run_dir, 'predict')}"

@@ -1,17 +1,33 @@
-"""Pieces shared by the training stages (classifier, segmenter): device choice, poly learning rate,
-memory layout, checkpoint files and the per-epoch CSV log."""
+"""The training engine: :func:`fit`, the one epoch loop every trained network goes through (the
+classifier, its expansion fine-tunes, the affinity head, the segmenter), and what it stands on: device
+choice, poly learning rate, optimisers, resumable checkpoints, the per-epoch ``log.csv`` and
+DistributedDataParallel under torchrun."""
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
+import math
+import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 
-from wsss.errors import WsssError, brief
-from wsss.io import atomic_path, write_text
+from wsss.errors import WsssError
+from wsss.io import write_text
+from wsss.log import progress
+from wsss.models.checkpoint import freeze_parameters, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+__all__ = ["START_OVER", "autocast", "barrier", "broadcast_int", "check_resumable", "distributed_loss", "fit",
+           "freeze_parameters", "init_distributed", "is_main", "load_checkpoint", "make_optimizer", "memory_layout",
+           "poly_lr", "rank_batches", "rank_device", "reduce_sum", "resolve_device", "save_checkpoint", "set_train_mode",
+           "world", "write_log_csv"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -38,27 +54,6 @@ def memory_layout(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
-    """``torch.save`` through a temp file + rename: a killed run never leaves half a checkpoint."""
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(obj, tmp)
-        except RuntimeError as e:  # torch reports a failed write (a full disk) as a RuntimeError
-            raise WsssError(f"cannot write the checkpoint ({brief(e)})", path) from e
-
-
-def load_checkpoint(path: str | Path, hint: str = "") -> dict[str, Any]:
-    """Load a checkpoint written by wsss (``weights_only=True``: no code is executed); ``hint`` is added
-    to the error when it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise WsssError("checkpoint not found", path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WsssError(f"cannot load checkpoint ({type(e).__name__}: {brief(e, 120)}){hint}", path) from None
-
-
 def write_log_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """One row per epoch; the columns are the union of the rows' keys, in first-seen order."""
     keys: list[str] = []
@@ -69,12 +64,6 @@ def write_log_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     w.writeheader()
     w.writerows(rows)
     write_text(path, buf.getvalue())
-
-
-def freeze_parameters(modules: list[torch.nn.Module]) -> None:
-    for m in modules:
-        for p in m.parameters():
-            p.requires_grad_(False)
 
 
 def set_train_mode(model: torch.nn.Module, backbone: torch.nn.Module, stem: list[torch.nn.Module],
@@ -230,3 +219,92 @@ def reduce_sum(total: float, n: int, device: torch.device) -> tuple[float, int]:
     t = torch.tensor([total, float(n)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t[0]), int(t[1])
+
+
+def autocast(device: torch.device, amp: str):
+    """Mixed-precision context on CUDA (``bf16``/``fp16``); a no-op on CPU or for ``none``."""
+    if amp == "none" or device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, data: torch.utils.data.Dataset,
+        loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor | None], cfg: Any, out_dir: Path, *,
+        name: str, device: torch.device, steps_per_epoch: int, batches: Callable[[int], Iterable[list[int]]],
+        resume: bool = True, free: Iterable[str] = (), section: str = "", meta: Mapping[str, Any] | None = None,
+        layout: torch.memory_format = torch.contiguous_format, amp: str = "none", warmup: int = 0,
+        train_mode: Callable[[], None] | None = None, batch_hook: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+        evaluate: Callable[[int], Mapping[str, Any]] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Train ``model`` for ``cfg.epochs`` epochs into ``out_dir`` (``checkpoint.pt`` and ``log.csv`` each epoch).
+
+    ``data[i] -> (x, y)`` with a settable ``epoch``; ``batches(epoch)`` gives this rank's index lists of the
+    epoch; ``loss_fn(model, x, y)`` returns the loss of a batch, or None to skip it (the iteration still
+    counts for the poly schedule of every param group's ``base_lr``). ``batch_hook(x, y, rng)`` may change a
+    batch first; ``evaluate(epoch)`` adds fields to the epoch's log row (rank 0 only). With ``resume`` an
+    existing checkpoint whose ``cfg`` differs only in ``free`` fields is continued, torch's RNG included,
+    so a resumed run ends with the weights of an uninterrupted one. Under torchrun the loss runs in
+    DistributedDataParallel and rank 0 checkpoints and logs. Returns ``{"epochs", "iterations", "final",
+    "history"}``; saving the final model file is the caller's.
+    """
+    from wsss.config import config_to_dict
+
+    ckpt_path = out_dir / "checkpoint.pt"
+    settings = config_to_dict(cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16" and device.type == "cuda")
+    start_epoch, it, history = 0, 0, []
+    if resume and ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path, START_OVER)
+        check_resumable(ck, settings, section or name, set(free), ckpt_path)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck.get("scaler", {}) or scaler.state_dict())
+        if "rng" in ck:
+            torch.set_rng_state(ck["rng"])
+        start_epoch, it, history = ck["epoch"], ck["iteration"], list(ck["history"])
+        log.info("%s: resumed from %s at epoch %d", name, ckpt_path, start_epoch)
+    max_it = steps_per_epoch * cfg.epochs
+    step = distributed_loss(model, loss_fn, device, getattr(cfg, "sync_bn", False))
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        data.epoch = epoch
+        loader = torch.utils.data.DataLoader(data, batch_sampler=list(batches(epoch)), num_workers=getattr(cfg, "workers", 0))
+        (train_mode or model.train)()
+        total, n = 0.0, 0
+        bar = progress(loader, desc=f"{name} {epoch + 1}/{cfg.epochs}", unit="batch", disable=None if is_main() else True)
+        for x, y in bar:
+            for g in opt.param_groups:
+                g["lr"] = poly_lr(g["base_lr"], it, max_it, warmup)
+            x = x.to(device, non_blocking=True, memory_format=layout)
+            y = y.to(device, non_blocking=True)
+            if batch_hook is not None:
+                x, y = batch_hook(x, y, np.random.default_rng([seed, 7919, it]))
+            it += 1
+            with autocast(device, amp):
+                loss = step(x, y)
+            if loss is None:
+                continue
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            total += float(loss.detach()) * len(x)
+            n += len(x)
+            bar.set_postfix(loss=f"{total / n:.4f}")
+        total, n = reduce_sum(total, n, device)
+        if not math.isfinite(total):
+            raise WsssError(f"{name}: loss became {total} in epoch {epoch + 1}; lower {section or name}.lr")
+        row: dict[str, Any] = {"epoch": epoch + 1, "loss": round(total / max(n, 1), 5), "lr": round(opt.param_groups[0]["lr"], 7)}
+        if not is_main():  # rank 0 scores, checkpoints and logs; the others wait for it
+            barrier()
+            continue
+        if evaluate is not None:
+            row.update(evaluate(epoch))
+        row["seconds"] = round(time.time() - t0, 2)
+        history.append(row)
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                                    "rng": torch.get_rng_state(), "epoch": epoch + 1, "iteration": it, "config": settings,
+                                    "history": history, "meta": dict(meta or {})})
+        write_log_csv(out_dir / "log.csv", history)
+        log.info("%s epoch %d/%d: %s", name, epoch + 1, cfg.epochs, ", ".join(f"{k} {v}" for k, v in row.items() if k != "epoch"))
+        barrier()
+    return {"epochs": cfg.epochs, "iterations": it, "final": history[-1] if history else {}, "history": history}

@@ -1,0 +1,64 @@
+"""Scoring palette-PNG masks (pseudo-masks or predictions) against ground truth."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from wsss.data.dataset import Dataset
+from wsss.errors import DataError
+from wsss.evaluation.metrics import confusion, iou_from_confusion
+from wsss.io import IGNORE, read_mask, write_json, write_text
+from wsss.log import progress
+
+
+def evaluate_masks(mask_dir: str | Path, ds: Dataset, ids: Sequence[str] | None = None) -> dict:
+    """Score pseudo-masks ``<id>.png`` against ground truth on the pixels both keep (neither is 255).
+
+    Returns mIoU (%), kept share (% of ground-truth-valid pixels the masks label), per-class IoU and
+    the confusion matrix (rows = ground truth)."""
+    mask_dir = Path(mask_dir)
+    if not ds.has_masks:
+        raise DataError(f"split '{ds.split}' has no ground-truth masks to evaluate against", ds.root)
+    index = {s.id: i for i, s in enumerate(ds)}
+    ids = list(index) if ids is None else list(ids)
+    missing = [sid for sid in ids if not (mask_dir / f"{sid}.png").is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(ids)} images have no mask (first: {missing[0]}.png)", mask_dir)
+    k = len(ds.classes)
+    cm = np.zeros((k, k), np.int64)
+    valid = kept = 0
+    for sid in progress(ids, desc="eval masks", unit="img"):
+        gt = ds.read_mask(index[sid])
+        pred = read_mask(mask_dir / f"{sid}.png", num_classes=k)
+        if pred.shape != gt.shape:
+            raise DataError(f"mask size {pred.shape} differs from the ground truth's {gt.shape}", mask_dir / f"{sid}.png")
+        g = gt != IGNORE
+        valid += int(g.sum())
+        kept += int((g & (pred != IGNORE)).sum())
+        cm += confusion(gt, pred, k)
+    iou = iou_from_confusion(cm)
+    return {
+        "images": len(ids),
+        "mIoU": round(100 * float(np.nanmean(iou)), 2),
+        "kept_share": round(100 * kept / max(valid, 1), 2),
+        "per_class_iou": {c: (None if v != v else round(100 * float(v), 2)) for c, v in zip(ds.classes, iou)},
+        "confusion": cm.tolist(),
+    }
+
+
+def write_mask_report(result: dict, classes: Sequence[str], out_dir: str | Path) -> None:
+    """``summary.json`` (without the matrix) and ``confusion.csv`` (rows = ground truth)."""
+    out_dir = Path(out_dir)
+    write_json(out_dir / "summary.json", {k: v for k, v in result.items() if k != "confusion"})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["gt \\ pred", *classes])
+    for name, row in zip(classes, result["confusion"]):
+        w.writerow([name, *row])
+    write_text(out_dir / "confusion.csv", buf.getvalue())
+

@@ -1,0 +1,147 @@
+"""Segmenter inference on photos: multi-scale + flip class probabilities, optional dense-CRF refinement,
+colour overlays, and a whole list of photos into a folder of palette PNGs.
+
+Inference: the long side is resized to ``resize_long`` (the training resolution) times each scale, the
+softmax of every scale (and its mirror) is upsampled to the photo's size and averaged; optionally a
+dense CRF refines it. Same-size images share a forward pass. PNGs are written atomically, so a
+killed run resumes with the missing images.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsss.config import CrfConfig, PredictConfig
+from wsss.data.dataset import IMAGE_EXTS
+from wsss.data.transforms import check_pair
+from wsss.engine.core import autocast, resolve_device
+from wsss.errors import DataError
+from wsss.io import read_image, voc_palette, write_image, write_palette_png
+from wsss.log import progress
+
+if TYPE_CHECKING:
+    from wsss.models.segmenter import Segmenter
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict_probs(model: "Segmenter", images: Sequence[np.ndarray], scales: Sequence[float] = (1.0,), flip: bool = True,
+                  resize_long: int | None = None, device: torch.device | str = "cpu", amp: str = "none") -> np.ndarray:
+    """Class probabilities ``(B, K, H, W)`` float32 of same-size ``images`` (each ``(H, W, 3)`` uint8),
+    averaged over ``scales`` (relative to ``resize_long``, or to the photo when None) and mirroring."""
+    if not images:
+        raise ValueError("no images given")
+    for im in images:
+        check_pair(im)
+    h, w = images[0].shape[:2]
+    if any(im.shape[:2] != (h, w) for im in images):
+        raise ValueError("images of one call must share their size")
+    device = torch.device(device)
+    mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(model.std, device=device).view(1, 3, 1, 1)
+    x = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
+    base = 1.0 if resize_long is None else resize_long / max(h, w)
+    nhwc = getattr(model, "prefers_channels_last", False) and device.type == "cpu"
+    total = None
+    for s in scales:
+        size = (max(1, round(h * base * s)), max(1, round(w * base * s)))
+        xs = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        if flip:
+            xs = torch.cat([xs, xs.flip(-1)])
+        if nhwc:
+            xs = xs.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            logits = model.forward_head(model.forward_features(xs)).float()
+        p = torch.softmax(logits, 1)
+        if flip:
+            p = (p[: len(images)] + p[len(images):].flip(-1)) / 2
+        p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+        total = p if total is None else total + p
+    return (total / len(scales)).cpu().numpy().astype(np.float32)
+
+
+def refine_with_crf(image: np.ndarray, probs: np.ndarray, cfg: CrfConfig) -> np.ndarray:
+    """Dense-CRF posterior ``(K, H, W)`` of ``probs (K, H, W)`` on ``image (H, W, 3)`` uint8."""
+    from wsss.crf import dense_crf
+
+    return dense_crf(image, -np.log(np.clip(probs, 1e-5, 1.0)), cfg)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """``image (H, W, 3)`` with the palette colour of ``mask (H, W)`` blended over foreground pixels
+    (background and 255 left as they are)."""
+    colours = voc_palette()[mask].astype(np.float32)
+    fg = ((mask != 0) & (mask != 255))[..., None]
+    out = np.where(fg, (1 - alpha) * image.astype(np.float32) + alpha * colours, image.astype(np.float32))
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def predict_items(model: "Segmenter", items: Sequence[tuple[str, Path]], out_dir: str | Path, cfg: PredictConfig,
+                  resize_long: int | None, crf_cfg: CrfConfig | None = None, skip_done: bool = True) -> dict:
+    """Predict ``items`` (``(id, image path)``) into ``out_dir/<id>.png`` (+ overlays). Returns counts."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.overlay:
+        (out_dir / "overlay").mkdir(exist_ok=True)
+    device = resolve_device(cfg.device)
+    model = model.to(device).eval()
+    if device.type == "cpu" and getattr(model, "prefers_channels_last", False):
+        model = model.to(memory_format=torch.channels_last)  # predict_probs feeds NHWC inputs on CPU
+    todo = [(sid, p) for sid, p in items if not (skip_done and (out_dir / f"{sid}.png").is_file())]
+    pending: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}
+    bar = progress(total=len(todo), desc="predict", unit="img")
+
+    def flush(key: tuple[int, int]) -> None:
+        group = pending.pop(key)
+        probs = predict_probs(model, [im for _, im in group], cfg.scales, cfg.flip, resize_long, device, cfg.amp)
+        for (sid, im), p in zip(group, probs):
+            if crf_cfg is not None:
+                p = refine_with_crf(im, p, crf_cfg)
+            mask = p.argmax(0).astype(np.uint8)
+            if cfg.overlay:
+                write_image(out_dir / "overlay" / f"{sid}.jpg", overlay(im, mask))
+            write_palette_png(out_dir / f"{sid}.png", mask)
+            bar.update(1)
+
+    t0 = time.perf_counter()
+    for sid, path in todo:
+        im = read_image(path)
+        pending.setdefault(im.shape[:2], []).append((sid, im))
+        if len(pending[im.shape[:2]]) >= cfg.batch_size:
+            flush(im.shape[:2])
+    for key in list(pending):
+        flush(key)
+    bar.close()
+    secs = time.perf_counter() - t0
+    return {"images": len(items), "computed": len(todo), "reused": len(items) - len(todo),
+            "seconds_per_image": round(secs / len(todo), 4) if todo else None}
+
+
+def input_items(paths: Iterable[str | Path]) -> list[tuple[str, Path]]:
+    """``(id, path)`` for image files and the images directly inside folders (ids: file stems)."""
+    items: list[tuple[str, Path]] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+            if not found:
+                raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) in folder", p)
+            items += [(f.stem, f) for f in found]
+        elif p.is_file():
+            items.append((p.stem, p))
+        else:
+            raise DataError("input not found", p)
+    seen: dict[str, Path] = {}
+    for sid, p in items:
+        if sid in seen:
+            raise DataError(f"two inputs would write the same output {sid}.png ({seen[sid]} and {p})")
+        seen[sid] = p
+    return items
+
