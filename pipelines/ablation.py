@@ -40,7 +40,8 @@ from wsss.engine.core import resolve_device, write_log_csv
 from wsss.evaluation.cams import evaluate_cam_folder
 from wsss.evaluation.masks import evaluate_masks
 from wsss.expand.rounds import run_expand
-from wsss.pipeline.runner import open_split
+from wsss.pipeline.checks import check_config
+from wsss.pipeline.runner import hold_run, open_split
 from wsss.pipeline.table import folder_of
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,12 @@ def run(cfg: Config, force: bool = False) -> AblationResult:
     for v in cfg.ablation.variants:
         methods = variant_methods(v)
         create_expand_methods(methods, cfg.expand)  # unknown names fail here, before any training
+    check_config(cfg)
+    with hold_run(cfg.run.out_dir):
+        return _run(cfg, force)
+
+
+def _run(cfg: Config, force: bool) -> AblationResult:
     started = time.time()
     std = run_standard(cfg, to_stage="cam", report=False)
     run_dir = std.run_dir
@@ -145,7 +152,7 @@ def run(cfg: Config, force: bool = False) -> AblationResult:
                "crf": config_to_dict(cfg.crf), "eval": config_to_dict(cfg.eval), "seed": cfg.run.seed}
     chash = config_hash(section)
     inputs = {"classifier": cls_man["key"], "cam": cam_man["key"]}
-    prepare_output_folder(out, stage_key("ablation", chash, inputs), force, "*/", "table.*", "ablation.json")
+    prepare_output_folder(out, stage_key("ablation", chash, inputs), force)
     save_config(cfg, out / "config.yaml")
     ds = ablation_split(cfg, run_dir)
     full = open_split(run_dir, cfg.cam.split)

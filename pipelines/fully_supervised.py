@@ -14,7 +14,8 @@ from wsss.config import Config
 from wsss.errors import DataError
 from wsss.evaluation.masks import evaluate_masks, write_mask_report
 from wsss.io import remove_temp_files
-from wsss.pipeline.runner import RunResult, open_split, run_flow
+from wsss.pipeline.checks import check_config
+from wsss.pipeline.runner import RunResult, hold_run, open_split, run_flow
 from wsss.pipeline.table import EVAL_SUBFOLDER, folder_of
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,12 @@ def reference_config(cfg: Config) -> Config:
 def run(cfg: Config, force: tuple[str, ...] = ()) -> RunResult:
     """Run the reference flow into ``cfg.run.out_dir``; ``force`` names stages to redo (and later ones)."""
     cfg = reference_config(cfg)
+    check_config(cfg)
+    with hold_run(cfg.run.out_dir):
+        return _run(cfg, force)
+
+
+def _run(cfg: Config, force: tuple[str, ...]) -> RunResult:
     result = run_flow(cfg, STAGE_ORDER[:-1], force=force, config_name="config_fully_supervised.yaml")
     t0 = time.time()
     run_dir = result.run_dir

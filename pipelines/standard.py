@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 
 from wsss.config import Config
-from wsss.pipeline.runner import RunResult, run_flow
+from wsss.pipeline.checks import check_config
+from wsss.pipeline.runner import RunResult, hold_run, run_flow
 from wsss.pipeline.table import STAGE_NAMES, stage_folder
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,12 @@ def run(cfg: Config, from_stage: str | None = None, to_stage: str | None = None,
         report: bool = True) -> RunResult:
     """Run the stages from ``from_stage`` to ``to_stage`` (inclusive) into ``cfg.run.out_dir``; then,
     with ``report``, write the run report and gallery."""
+    check_config(cfg)  # before the run directory is made
+    with hold_run(cfg.run.out_dir):  # the report too: another run must not start between the stages and it
+        return _run(cfg, from_stage, to_stage, force, report)
+
+
+def _run(cfg: Config, from_stage: str | None, to_stage: str | None, force: tuple[str, ...], report: bool) -> RunResult:
     result = run_flow(cfg, STAGE_ORDER, from_stage, to_stage, force)
     if not report:
         return result

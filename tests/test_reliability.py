@@ -312,11 +312,11 @@ def test_output_folder_is_cleared_when_its_marker_or_manifest_names_another_key(
              "legacy-other": ("k0", None, False), "empty": (None, None, True)}
     for name, (man, marker, kept) in cases.items():
         folder = fill(tmp_path / name, man, marker)
-        prepare_output_folder(folder, "k1", False, "checkpoint.pt")
+        prepare_output_folder(folder, "k1", False)
         assert (folder / "checkpoint.pt").exists() == kept, name
         assert (folder / ".key").read_text().strip() == "k1"
     forced = fill(tmp_path / "forced", None, "k1")
-    prepare_output_folder(forced, "k1", True, "checkpoint.pt")
+    prepare_output_folder(forced, "k1", True)
     assert not (forced / "checkpoint.pt").exists()
 
 

@@ -365,4 +365,5 @@ def test_bad_segmenter_files_give_one_line_errors(tmp_path, run_cli):
         load_segmenter(tmp_path / "other.pt")
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     code, _, err = run_cli("predict", "--model", tmp_path / "ok.pt", "--input", tmp_path / "broken.jpg", "--out", tmp_path / "o")
-    assert code == 1 and "broken.jpg" in err and err.count("\n") == 1
+    # an unreadable photo is skipped with one warning line, and the command ends with one error line listing it
+    assert code == 1 and "broken.jpg" in err and err.count("\n") == 2 and err.splitlines()[-1].startswith("wsss: error:")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -107,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="segment a dataset split, images or folders with a trained segmenter")
     pr.add_argument("config", type=Path, nargs="?", help="YAML config of the run (optional with --model and --input)")
     pr.add_argument("--model", type=Path, help="segmenter.pt (default RUN/seg/segmenter.pt, RUN/seg_gt with --masks gt)")
-    pr.add_argument("--input", type=Path, nargs="+", help="image files or folders (instead of predict.split)")
+    pr.add_argument("--input", type=Path, nargs="+", help="image files or folders (instead of predict.split); an unreadable "
+                    "image is skipped with a warning, and the command ends with exit code 1 listing them")
+    pr.add_argument("--recursive", action="store_true", help="with --input: also the images in subfolders (outputs keep the subfolders)")
     pr.add_argument("--out", type=Path, help="output folder (default RUN/predict/<split> (predict_gt with --masks gt), or RUN/predict/input)")
     pr.add_argument("--split", help="dataset split (predict.split)")
     pr.add_argument("--masks", choices=["pseudo", "gt"], help="which of the run's segmenters (train_seg.masks)")
@@ -168,29 +172,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from wsss.data.check import check_dataset
-    from wsss.data.dataset import load_dataset
-    from wsss.errors import DataError
+    from wsss.data.check import check_root
     from wsss.io import write_json
 
-    root: Path = args.root
-    if not root.exists():
-        raise DataError("dataset folder not found", root)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    if args.split:
-        splits = args.split
-    elif root.suffix.lower() == ".csv":
-        splits = [""]
-    else:
-        split_dir = root / "ImageSets" / "Segmentation"
-        splits = sorted(p.stem for p in split_dir.glob("*.txt")) if split_dir.is_dir() else []
-        if not splits:
-            raise DataError("no split files in ImageSets/Segmentation/", root)
-    reports = []
-    for split in splits:
-        ds = load_dataset(root, split or "train", classes)
-        rep = check_dataset(ds)
-        reports.append(rep)
+    reports = check_root(args.root, args.split, classes)
+    for rep in reports:
         print("\n".join(rep.summary_lines()))
     if args.json:
         write_json(args.json, {r.split or "all": r.to_dict() for r in reports})
@@ -199,7 +186,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         for r in reports:
             for p in r.problems:
                 print(f"wsss: error: {p}", file=sys.stderr)
-        print(f"wsss: {n_prob} problem(s) found in {root}", file=sys.stderr)
+        print(f"wsss: {n_prob} problem(s) found in {args.root}", file=sys.stderr)
         return 1
     total = sum(r.images for r in reports)
     print(f"ok: {total} images in {len(reports)} split(s), {len(reports[0].classes) - 1} classes, no problems")
@@ -210,14 +197,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipelines.standard import STAGE_ORDER, run
     from wsss.config import load_config
     from wsss.errors import ConfigError
+    from wsss.pipeline.runner import stage_slice
 
     stages = ("ablation",) if args.flow == "ablation" else STAGE_ORDER
     for s in [args.from_stage, args.to_stage, *args.force]:
         if s is not None and s not in stages:
             raise ConfigError(f"unknown stage '{s}' for the {args.flow} flow (stages: {', '.join(stages)})")
-    cfg = load_config(args.config, args.overrides)
     if args.flow != "standard" and (args.from_stage or args.to_stage):
         raise ConfigError("--from/--to apply to the standard flow only")
+    stage_slice(STAGE_ORDER, args.from_stage, args.to_stage)  # an empty or reversed slice is a usage error
+    cfg = load_config(args.config, args.overrides)
     if args.flow == "ablation":
         from pipelines import ablation
 
@@ -253,7 +242,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_stage(args: argparse.Namespace) -> int:
     """A stage of the table as a command: run it (also under torchrun or as one --shard) and print its line."""
     from wsss.config import load_config
-    from wsss.pipeline.runner import run_command, setup_run
+    from wsss.pipeline.runner import hold_run, run_command, setup_run
     from wsss.pipeline.table import get_stage
     from wsss.shard import parse_shard
 
@@ -265,7 +254,8 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     if getattr(args, "sweep", False):
         from wsss.stages.crf import sweep
 
-        res = sweep(cfg, setup_run(cfg), workers=args.workers)
+        with hold_run(cfg.run.out_dir):
+            res = sweep(cfg, setup_run(cfg), workers=args.workers)
         keys = list(cfg.crf.sweep)
         print("  ".join(f"{k:>13}" for k in keys) + "   mIoU   kept%")
         for r in res["rows"]:
@@ -369,8 +359,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from wsss.config import load_config
     from wsss.errors import ConfigError
     from wsss.inference import input_items
-    from wsss.pipeline.runner import open_split, setup_run
-    from wsss.stages.predict import predict_paths, segmenter_path
+    from wsss.pipeline.runner import hold_run, open_split, setup_run
 
     extra = list(args.overrides)
     if args.masks:
@@ -386,18 +375,42 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             args.overrides = extra
             return _cmd_stage(args)
         cfg = load_config(args.config, extra)
-        run_dir = setup_run(cfg)
-        items = [(s.id, s.image) for s in open_split(run_dir, cfg.predict.split)]
-        default_out = folder_of(cfg, run_dir, "predict")
-    else:
-        cfg = load_config(args.config, extra)
-        items = input_items(args.input)
-        default_out = Path(cfg.run.out_dir) / stage_folder("predict", split="input")
+        with hold_run(cfg.run.out_dir):
+            run_dir = setup_run(cfg)
+            items = [(s.id, s.image) for s in open_split(run_dir, cfg.predict.split)]
+            return _predict_paths(args, cfg, items, folder_of(cfg, run_dir, "predict"))
+    cfg = load_config(args.config, extra)
+    items = input_items(args.input, recursive=args.recursive)
+    return _predict_paths(args, cfg, items, Path(cfg.run.out_dir) / stage_folder("predict", split="input"))
+
+
+def _predict_paths(args: argparse.Namespace, cfg, items: list, default_out: Path) -> int:
+    from wsss.stages.predict import predict_paths, segmenter_path
+
     model_path = args.model or segmenter_path(cfg, Path(cfg.run.out_dir))
     out = args.out or default_out
     o = predict_paths(cfg, model_path, items, out, force=args.force)
     print(f"predict: {o['images']} images ({o['computed']} computed) with {model_path} -> {out}")
+    if o["skipped"]:
+        print(f"wsss: error: {len(o['skipped'])} unreadable image(s) skipped: {', '.join(o['skipped'])}", file=sys.stderr)
+        return 1
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop), raised like Ctrl-C so that every cleanup runs."""
+
+
+def _catch_sigterm():
+    """Turn SIGTERM into :class:`Terminated` while a command runs; returns the handler it replaced (None
+    off the main thread, where signals cannot be caught)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, raise_terminated)
 
 
 def error_line(e: BaseException) -> str:
@@ -428,11 +441,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.func is None:
         parser.print_help()
         return 0
+    previous = _catch_sigterm()
     try:
         return args.func(args)
     except WsssError as e:
         print(f"wsss: error: {error_line(e)}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print("wsss: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("wsss: interrupted", file=sys.stderr)
         return 130
@@ -440,3 +457,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"wsss: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

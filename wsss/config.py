@@ -78,6 +78,9 @@ class DataConfig(Section):
     root: Path | None = Field(None, description="VOC folder or CSV file; for synth, where to write (default RUN/data)")
     train_split: str = "train"
     val_split: str = "val"
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="carve this share of the training images out as the val split "
+                                "(chosen by a hash of each image id: stable as images are added) when the dataset has no "
+                                "val split of its own (a CSV manifest without a split column)")
     classes: list[str] | None = Field(None, description="foreground class names, overrides classes.txt")
     synth: SynthConfig = Field(default_factory=SynthConfig)
 
@@ -201,6 +204,8 @@ class CamConfig(Section):
     batch_pixels: int = Field(250_000, ge=1, description="most input pixels per forward pass (a group's passes are "
                                                           "split to fit; on CPU large passes run slower per pixel)")
     fold_bn: bool = Field(True, description="fold batch norm into the convolutions for extraction (same maps, faster)")
+    max_side: int | None = Field(1024, ge=64, description="photos with a longer side are extracted at this long side and the "
+                                 "maps resized to the photo (bounds memory per image); null = no cap")
     device: str = "auto"
     channels_last: bool | None = Field(None, description="NHWC memory layout; default: the backbone's preference")
 
@@ -280,6 +285,8 @@ class CrfConfig(Section):
     bilateral_srgb: float = Field(5.0, gt=0, description="appearance kernel colour width (0-255 levels)")
     bilateral_compat: float = Field(10.0, ge=0, description="appearance kernel weight")
     workers: int = Field(0, ge=0, description="worker processes; 0 = one per CPU core")
+    max_side: int | None = Field(1024, ge=64, description="photos with a longer side are refined at this long side and the "
+                                 "mask resized to the photo (bounds memory per image); null = no cap")
     sweep: dict[str, list[float]] = Field(
         default_factory=lambda: {"fg_threshold": [0.2, 0.25, 0.3, 0.35, 0.4], "low_threshold": [0.05, 0.1, 0.15]},
         description="`wsss crf --sweep`: values to try per key (every combination)")
@@ -381,14 +388,25 @@ class Config(Section):
 # loading, overrides, hashing
 
 
-def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
-    parts = []
+def _override_for(loc: str, overrides: dict[str, str]) -> str | None:
+    """The command-line override that set config key ``loc`` (or a section above it), if one did."""
+    keys = [k for k in overrides if loc == k or loc.startswith(k + ".")]
+    return overrides[max(keys, key=len)] if keys else None
+
+
+def _format_validation_error(err: ValidationError, model: type[BaseModel], overrides: dict[str, str] | None = None) -> tuple[str, bool]:
+    """One line for every problem, and whether all of them came from command-line overrides (then the
+    file is not to blame)."""
+    parts, from_overrides = [], True
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
+        item = _override_for(loc, overrides or {})
+        from_overrides = from_overrides and item is not None
+        blame = f"override {item}: " if item else ""
         if e["type"] == "extra_forbidden":
             valid = _valid_keys(model, e["loc"][:-1])
             hint = f" (valid keys here: {', '.join(valid)})" if valid else ""
-            parts.append(f"unknown config key '{loc}'{hint}")
+            parts.append(f"{blame}unknown config key '{loc}'{hint}")
         else:
             msg = e["msg"]
             if msg.startswith("Value error, "):
@@ -396,8 +414,8 @@ def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> st
             where = f"config key '{loc}'" if loc else "config"
             got = e.get("input")
             shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
-            parts.append(f"{where}: {msg}{shown}")
-    return "; ".join(parts)
+            parts.append(f"{blame}{where}: {msg}{shown}")
+    return "; ".join(parts), from_overrides
 
 
 def _valid_keys(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
@@ -454,21 +472,26 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), b
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"invalid YAML{where}", p) from None
+            reason = getattr(e, "problem", None)
+            raise ConfigError(f"invalid YAML{where}" + (f": {reason}" if reason else ""), p) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError("top level of a config must be a mapping of sections", p)
         raw = loaded
     raw = apply_overrides(raw, overrides)
-    return config_from_dict(raw, source=path)
+    given = {item.partition("=")[0].strip(): item for item in overrides}
+    return config_from_dict(raw, source=path, overrides=given)
 
 
-def config_from_dict(raw: dict[str, Any], source: str | Path | None = None) -> Config:
+def config_from_dict(raw: dict[str, Any], source: str | Path | None = None, overrides: dict[str, str] | None = None) -> Config:
+    """Validate ``raw``; an error names the override that set a bad key (``overrides``: key -> the
+    ``key=value`` given), else ``source``."""
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, Config), source) from None
+        message, from_overrides = _format_validation_error(e, Config, overrides)
+        raise ConfigError(message, None if from_overrides else source) from None
 
 
 #: Settings added after runs already existed, whose default reproduces the old behaviour: left out of

@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import quote
 
 import cv2
 import numpy as np
@@ -139,8 +140,12 @@ _SCRIPT = """
 """
 
 
+#: left as they are in a file link (``'`` is HTML-escaped instead); '#', '?', '%', spaces and non-ASCII are encoded
+_URL_SAFE = "/'"
+
+
 def render_gallery(cards: Sequence[Card], classes: Sequence[str], title: str) -> str:
-    """The gallery page; every name from files or configs is HTML-escaped."""
+    """The gallery page; every name from files or configs is HTML-escaped, every file link URL-encoded."""
     e = html.escape
     pal = voc_palette()
     legend = "".join(f"<span class=lg><i style='background:rgb{tuple(int(v) for v in pal[i])}'></i>{e(c)}</span>"
@@ -154,8 +159,8 @@ def render_gallery(cards: Sequence[Card], classes: Sequence[str], title: str) ->
     for c in cards:
         ious = " ".join(f"data-iou-{k}='{v}'" for k, v in c.iou.items())
         iou_text = ", ".join(f"{IOU_LABELS[k]} mIoU {v:.1f}" for k, v in c.iou.items())
-        tiles = "".join(f"<figure><img loading=lazy src='{e(p)}' alt='{e(cap)}'><figcaption>{e(cap)}</figcaption></figure>"
-                        for cap, p in c.tiles)
+        tiles = "".join(f"<figure><img loading=lazy src='{e(quote(p, safe=_URL_SAFE))}' alt='{e(cap)}'><figcaption>{e(cap)}</figcaption></figure>"
+                        for cap, p in c.tiles)  # file names are data: '#', '?', '%', spaces must not end or change the URL
         items.append(f"<div class=card data-classes='{e(' '.join(c.classes))}' {ious}><h3>{e(c.id)} "
                      f"<small>{e(', '.join(c.classes))}{' · ' + e(iou_text) if iou_text else ''}</small></h3>{tiles}</div>")
     return f"""<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(title)}</title>

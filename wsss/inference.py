@@ -22,7 +22,7 @@ from wsss.config import CrfConfig, PredictConfig
 from wsss.data.dataset import IMAGE_EXTS
 from wsss.data.transforms import check_pair
 from wsss.engine.core import autocast, resolve_device
-from wsss.errors import DataError
+from wsss.errors import DataError, ImageReadError
 from wsss.io import read_image, voc_palette, write_image, write_palette_png
 from wsss.log import progress
 
@@ -85,8 +85,11 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> np.ndar
 
 
 def predict_items(model: "Segmenter", items: Sequence[tuple[str, Path]], out_dir: str | Path, cfg: PredictConfig,
-                  resize_long: int | None, crf_cfg: CrfConfig | None = None, skip_done: bool = True) -> dict:
-    """Predict ``items`` (``(id, image path)``) into ``out_dir/<id>.png`` (+ overlays). Returns counts."""
+                  resize_long: int | None, crf_cfg: CrfConfig | None = None, skip_done: bool = True,
+                  skip_unreadable: bool = False) -> dict:
+    """Predict ``items`` (``(id, image path)``) into ``out_dir/<id>.png`` (+ overlays). Returns counts and,
+    with ``skip_unreadable``, the images that could not be decoded (each logged and left out instead of
+    stopping the batch): ``skipped``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.overlay:
@@ -112,8 +115,17 @@ def predict_items(model: "Segmenter", items: Sequence[tuple[str, Path]], out_dir
             bar.update(1)
 
     t0 = time.perf_counter()
+    skipped: list[str] = []
     for sid, path in todo:
-        im = read_image(path)
+        try:
+            im = read_image(path)
+        except ImageReadError as e:
+            if not skip_unreadable:
+                raise
+            log.warning("predict: skipped %s", e)
+            skipped.append(str(path))
+            bar.update(1)
+            continue
         pending.setdefault(im.shape[:2], []).append((sid, im))
         if len(pending[im.shape[:2]]) >= cfg.batch_size:
             flush(im.shape[:2])
@@ -121,19 +133,21 @@ def predict_items(model: "Segmenter", items: Sequence[tuple[str, Path]], out_dir
         flush(key)
     bar.close()
     secs = time.perf_counter() - t0
-    return {"images": len(items), "computed": len(todo), "reused": len(items) - len(todo),
-            "seconds_per_image": round(secs / len(todo), 4) if todo else None}
+    done = len(todo) - len(skipped)
+    return {"images": len(items), "computed": done, "reused": len(items) - len(todo),
+            "seconds_per_image": round(secs / done, 4) if done else None, **({"skipped": skipped} if skip_unreadable else {})}
 
 
-def input_items(paths: Iterable[str | Path]) -> list[tuple[str, Path]]:
-    """``(id, path)`` for image files and the images directly inside folders (ids: file stems)."""
+def input_items(paths: Iterable[str | Path], recursive: bool = False) -> list[tuple[str, Path]]:
+    """``(id, path)`` for image files and the images inside folders: directly inside, or with ``recursive``
+    in every subfolder too (ids: the path below the folder without its suffix, e.g. ``trip/x``)."""
     items: list[tuple[str, Path]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+            found = sorted(f for f in (p.rglob("*") if recursive else p.iterdir()) if f.suffix.lower() in IMAGE_EXTS and f.is_file())
             if not found:
-                raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) in folder", p)
-            items += [(f.stem, f) for f in found]
+                raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) in folder{' or its subfolders' if recursive else ''}", p)
+            items += [(f.relative_to(p).with_suffix("").as_posix(), f) for f in found]
         elif p.is_file():
             items.append((p.stem, p))
         else:

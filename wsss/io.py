@@ -7,6 +7,7 @@ and is renamed into place, so a killed process never leaves a half-written outpu
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -252,3 +253,12 @@ def write_image(path: str | Path, image: np.ndarray, quality: int = 92) -> None:
             img.save(tmp, format=fmt, quality=quality)
         else:
             img.save(tmp, format=fmt)
+
+
+def file_digest(path: str | Path) -> str:
+    """Short SHA-256 of a file's bytes (keys outputs by the exact model file that made them)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

@@ -94,11 +94,12 @@ def finished_outcome(folder: str | Path, stage: str, config_hash: str, inputs: M
     return StageOutcome(old, skipped=True)
 
 
-def prepare_output_folder(out: str | Path, key: str, clear: bool, *patterns: str) -> None:
+def prepare_output_folder(out: str | Path, key: str, clear: bool, keep: tuple[str, ...] = ()) -> None:
     """Make ``out`` hold only outputs of ``key`` (so a re-run resumes only its own work, and a killed
     training's checkpoint is never resumed on changed inputs): remove temp files left by a killed run;
-    clear what matches ``patterns`` (files or folders), the manifest and ``eval/`` when ``clear`` is set
-    or when the ``.key`` marker (written before any output; without one, the manifest) names another key."""
+    when ``clear`` is set or the ``.key`` marker (written before any output; without one, the manifest)
+    names another key, empty the folder -- every file and subfolder, however deep (image ids may hold
+    folders: ``photos/x``), except the names in ``keep``."""
     import shutil
 
     from wsss.io import remove_temp_files, write_text
@@ -112,10 +113,8 @@ def prepare_output_folder(out: str | Path, key: str, clear: bool, *patterns: str
     else:  # a folder written before markers existed
         old = read_manifest(out)
         stale = old is not None and old.get("key") != key
-    stale = clear or stale
-    if stale:
-        for f in (f for pattern in patterns for f in out.glob(pattern)):
-            shutil.rmtree(f) if f.is_dir() else f.unlink()
-        (out / "manifest.json").unlink(missing_ok=True)
-        shutil.rmtree(out / "eval", ignore_errors=True)  # a scored folder's report (EVAL_SUBFOLDER)
+    if clear or stale:
+        for f in out.iterdir():
+            if f.name not in keep:
+                shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
     write_text(marker, key + "\n")

@@ -62,7 +62,8 @@ def collect(run_dir: str | Path, seg_folder: str = "seg", split: str = "val") ->
         if man is None:
             continue
         stages.append({"stage": stage, "folder": folder, "seconds": man.get("wall_time_s"), "finished": man.get("finished"),
-                       "outputs": {k: v for k, v in man.get("outputs", {}).items() if not isinstance(v, (dict, list))}})
+                       "outputs": {k: v for k, v in man.get("outputs", {}).items() if not isinstance(v, (dict, list))},
+                       "warnings": list(man.get("outputs", {}).get("warnings", []))})
     summary = run_dir / stage_folder("eval") / "summary.json"
     metrics = read_json(summary) if summary.is_file() else {}
     ref = run_dir / stage_folder("predict", True, split) / EVAL_SUBFOLDER / "summary.json"
@@ -72,7 +73,8 @@ def collect(run_dir: str | Path, seg_folder: str = "seg", split: str = "val") ->
             metrics["ratio"] = round(metrics["seg"]["mIoU"] / metrics["seg_gt"]["mIoU"], 3)
     sweeps = {name: _read_csv(run_dir / stage_folder(name) / EVAL_SUBFOLDER / "sweep.csv") for name in ("cam", "expand") if name not in disabled}
     metrics = {k: v for k, v in metrics.items() if k not in disabled}
-    return {"run": run_dir.name, "config": config, "stages": stages, "metrics": metrics,
+    warnings = [f"{st['stage']}: {w}" for st in stages for w in st.pop("warnings")]
+    return {"run": run_dir.name, "config": config, "stages": stages, "metrics": metrics, "warnings": warnings,
             "curves": {"cls": _read_csv(run_dir / stage_folder("train-cls") / "log.csv"), "seg": _read_csv(run_dir / seg_folder / "log.csv")},
             "sweeps": {k: v for k, v in sweeps.items() if v}}
 
@@ -93,6 +95,7 @@ def summary_lines(report: dict[str, Any], done: list[tuple[str, float, bool]] | 
         lines.append(f"  {'':<31}{_metric_text('seg_gt', m['seg_gt'])}")
     if "ratio" in m:
         lines.append(f"  {'':<31}weakly- / fully-supervised ratio {m['ratio']:.3f}")
+    lines += [f"  WARNING {w}" for w in report.get("warnings", [])]
     return lines
 
 
@@ -172,14 +175,15 @@ def render_html(report: dict[str, Any]) -> str:
                     for k, v in report["metrics"].items() if k in METRIC_LABELS)
     if "ratio" in report["metrics"]:
         mrows += f"<tr><td>weakly / fully</td><td>ratio {report['metrics']['ratio']:.3f}</td></tr>"
+    warn = "".join(f"<p class=warn>Warning: {e(w)}</p>" for w in report.get("warnings", []))
     plots = _plots(report)
     titles = {"curves": "Training curves", "sweep": "Background-threshold sweep", "per_class": "Per-class IoU"}
     figs = "".join(f"<h2>{titles[k]}</h2><img alt='{titles[k]}' src='data:image/png;base64,{v}'>" for k, v in plots.items())
     return f"""<!doctype html><html lang=en><head><meta charset=utf-8><title>wsss run {e(report['run'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}td.n{{text-align:right}}img{{max-width:100%}}</style></head>
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}td.n{{text-align:right}}img{{max-width:100%}}.warn{{background:#fff3cd;border:1px solid #e0a800;padding:.5em}}</style></head>
 <body><h1>wsss run <code>{e(report['run'])}</code></h1>
-<h2>Results</h2><table><tr><th>output</th><th>score</th></tr>{mrows or '<tr><td colspan=2>nothing scored (no ground truth)</td></tr>'}</table>
+{warn}<h2>Results</h2><table><tr><th>output</th><th>score</th></tr>{mrows or '<tr><td colspan=2>nothing scored (no ground truth)</td></tr>'}</table>
 <h2>Stages</h2><table><tr><th>stage</th><th>folder</th><th>seconds</th><th>finished</th></tr>{rows}</table>
 {figs}</body></html>"""
 

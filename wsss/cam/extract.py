@@ -75,7 +75,8 @@ def max_normalise(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 def extract_cams(method: CAMMethod, images: Iterable[tuple[str, np.ndarray, Sequence[int]]], *,
                  mean: Sequence[float], std: Sequence[float], scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0),
                  flip: bool = True, batch_size: int = 8, batch_pixels: int | None = None, resize_long: int | None = None,
-                 device: torch.device | str = "cpu", channels_last: bool = False) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+                 device: torch.device | str = "cpu", channels_last: bool = False,
+                 max_side: int | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yield ``(id, classes (k,) int16, cams (k, H, W) float32 in [0, 1])`` for each input image.
 
     ``images`` yields ``(id, image (H, W, 3) uint8, class ids (>= 1))``. Images are grouped by size
@@ -83,6 +84,8 @@ def extract_cams(method: CAMMethod, images: Iterable[tuple[str, np.ndarray, Sequ
     ``batch_pixels`` input pixels per pass; results come out in batches, not necessarily in input order. ``resize_long`` runs the network on an image resized
     so that its long side has that length; maps are always returned at the original resolution.
     ``channels_last`` runs the network in NHWC layout (the model must already be in that layout).
+    ``max_side`` bounds the memory per image: a photo with a longer side is processed (network and maps)
+    at that long side and its final maps resized to the photo (``resize_long``, when set, decides alone).
     """
     layout = torch.channels_last if channels_last else torch.contiguous_format
     pending: dict[tuple[int, int], list] = defaultdict(list)
@@ -91,17 +94,22 @@ def extract_cams(method: CAMMethod, images: Iterable[tuple[str, np.ndarray, Sequ
         group = pending.pop(key)
         x = torch.stack([_normalise(img, mean, std) for _, img, _ in group]).to(device)
         h, w = group[0][1].shape[:2]
-        if resize_long and max(h, w) != resize_long:
-            r = resize_long / max(h, w)
+        capped = not resize_long and max_side is not None and max(h, w) > max_side
+        long_side = resize_long or (max_side if capped else None)
+        if long_side and max(h, w) != long_side:
+            r = long_side / max(h, w)
             x = F.interpolate(x, size=(max(1, round(h * r)), max(1, round(w * r))), mode="bilinear", align_corners=False)
         union = sorted({c for _, _, cl in group for c in cl})
         cls_t = torch.tensor([c - 1 for c in union], dtype=torch.long)
-        maps = multiscale_maps(method, x, cls_t, scales, flip, out_size=(h, w), layout=layout, max_pixels=batch_pixels)
+        maps = multiscale_maps(method, x, cls_t, scales, flip, out_size=tuple(x.shape[-2:]) if capped else (h, w), layout=layout,
+                               max_pixels=batch_pixels)
         col = {c: j for j, c in enumerate(union)}
         for i, (sid, _, cl) in enumerate(group):
             idx = torch.tensor([col[c] for c in cl], dtype=torch.long)
-            cams = max_normalise(maps[i, idx]).cpu().numpy().astype(np.float32)
-            yield sid, np.asarray(cl, dtype=np.int16), cams
+            cams = max_normalise(maps[i, idx])
+            if capped:
+                cams = F.interpolate(cams[None], size=(h, w), mode="bilinear", align_corners=False)[0].clamp_(0, 1)
+            yield sid, np.asarray(cl, dtype=np.int16), cams.cpu().numpy().astype(np.float32)
 
     for sid, img, cl in images:
         cl = sorted(int(c) for c in cl)
@@ -120,7 +128,8 @@ def extract_cams(method: CAMMethod, images: Iterable[tuple[str, np.ndarray, Sequ
 
 def extract_to_folder(model, ds: "Dataset", cfg: "CamConfig", out_dir: str | Path, device: torch.device,
                        mean, std) -> dict:
-    """Write ``<id>.npz`` (see :mod:`wsss.camfile`) for every image of ``ds`` missing from ``out_dir``; returns counts."""
+    """Write ``<id>.npz`` (see :mod:`wsss.camfile`) for every image of ``ds`` missing from ``out_dir``; returns
+    counts: ``images``, ``computed``, ``reused``, ``empty`` (computed images whose every map is zero)."""
     from wsss.camfile import save_cam
     from wsss.cam.methods import create_cam_method
     from wsss.log import progress
@@ -146,11 +155,13 @@ def extract_to_folder(model, ds: "Dataset", cfg: "CamConfig", out_dir: str | Pat
             yield s.id, ds.read_image(i), s.labels
 
     bar = progress(total=len(todo), desc=f"cam {cfg.method}", unit="img")
+    empty = 0  # images whose every map is zero
     for sid, classes, cams in extract_cams(method, images(), mean=mean, std=std, scales=cfg.scales, flip=cfg.flip,
                                            batch_size=cfg.batch_size, batch_pixels=cfg.batch_pixels, resize_long=cfg.resize_long, device=device,
-                                           channels_last=nhwc):
+                                           channels_last=nhwc, max_side=cfg.max_side):
         save_cam(out_dir / f"{sid}.npz", classes, cams)
+        empty += bool(len(classes)) and not cams.any()
         bar.update(1)
     bar.close()
-    return {"images": len(ds), "computed": len(todo), "reused": n_done}
+    return {"images": len(ds), "computed": len(todo), "reused": n_done, "empty": empty}
 

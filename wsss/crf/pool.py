@@ -15,6 +15,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import cv2
 import numpy as np
 
 from wsss.camfile import load_cam
@@ -41,7 +42,15 @@ def crf_one(job: Job, cfg: CrfConfig, num_classes: int) -> dict:
     if cams.shape[1:] != image.shape[:2]:
         raise DataError(f"CAM size {cams.shape[1]}x{cams.shape[2]} differs from its image's "
                         f"{image.shape[0]}x{image.shape[1]}", cam_path)
-    mask = pseudo_mask(image, classes, cams, cfg)
+    h, w = image.shape[:2]
+    if cfg.max_side is not None and max(h, w) > cfg.max_side:  # bounded memory: refine smaller, label the photo's pixels
+        r = cfg.max_side / max(h, w)
+        size = (max(1, round(w * r)), max(1, round(h * r)))
+        small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        maps = np.stack([cv2.resize(m, size, interpolation=cv2.INTER_LINEAR) for m in cams]) if len(cams) else np.zeros((0, size[1], size[0]), np.float32)
+        mask = cv2.resize(pseudo_mask(small, classes, np.clip(maps, 0, 1), cfg), (w, h), interpolation=cv2.INTER_NEAREST)
+    else:
+        mask = pseudo_mask(image, classes, cams, cfg)
     write_palette_png(out_path, mask)
     return {"id": sid, **mask_stats(mask)}
 
@@ -125,6 +134,14 @@ def crf_jobs(ds: Dataset, cam_dir: Path, out_dir: Path, skip_done: bool = True, 
             continue
         jobs.append((s.id, str(s.image), str(cam_dir / f"{s.id}.npz"), str(png)))
     return jobs, done
+
+
+def empty_masks_warning(stats: dict[str, float], images: int) -> list[str]:
+    """A warning when no pseudo-mask has a foreground pixel (the segmenter would learn background only)."""
+    if images and stats["mean_fg_share"] == 0:
+        return [f"all {images} pseudo-masks are background or ignore only: a segmenter trained on them learns nothing "
+                "(lower crf.fg_threshold, or check the maps with `wsss eval cam` / `wsss inspect`)"]
+    return []
 
 
 def write_stats(out_dir: Path, ids: Iterable[str]) -> dict[str, float]:

@@ -1,8 +1,9 @@
 """`wsss data check`: decode every image and mask of a dataset and summarise it.
 
-Structural problems (missing folder, unknown class, duplicate id, empty split) already fail in
-:mod:`wsss.data.dataset`. This module finds per-file problems, which need every file decoded:
-unreadable images, masks whose size differs from their image, mask ids outside the class range.
+:func:`check_root` lists every problem of a dataset in one pass: the structural ones the loader
+records (missing files, unknown classes, duplicate ids, malformed CSV rows; see
+:mod:`wsss.data.dataset`) and the per-file ones that need every file decoded: unreadable images,
+masks whose size differs from their image, mask ids outside the class range.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from wsss.data.dataset import Dataset
+from wsss.data.dataset import Dataset, csv_has_split_column, load_dataset
 from wsss.errors import DataError
 from wsss.io import IGNORE, read_image, read_mask
 from wsss.log import progress
@@ -120,3 +123,35 @@ def check_dataset(ds: Dataset, decode: bool = True) -> CheckReport:
         rep.ignore_share = float(pix[IGNORE] / total)
         rep.pixel_share = {c: float(pix[i] / total) for i, c in enumerate(ds.classes)}
     return rep
+
+
+def dataset_splits(root: str | Path) -> list[str]:
+    """The splits of a dataset: a VOC folder's split files; for a CSV manifest one entry, ``""`` (all rows)."""
+    root = Path(root)
+    if root.suffix.lower() == ".csv":
+        return [""]
+    split_dir = root / "ImageSets" / "Segmentation"
+    splits = sorted(p.stem for p in split_dir.glob("*.txt")) if split_dir.is_dir() else []
+    if not splits:
+        raise DataError("no split files in ImageSets/Segmentation/", root)
+    return splits
+
+
+def check_root(root: str | Path, splits: Sequence[str] | None = None, classes: Sequence[str] | None = None,
+               decode: bool = True) -> list[CheckReport]:
+    """One :class:`CheckReport` per split of the dataset at ``root`` (default: every split), each with all
+    of its problems, structural and per-file."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError("dataset folder not found", root)
+    reports = []
+    for split in splits or dataset_splits(root):
+        found: list[tuple[str, str]] = []
+        if root.suffix.lower() != ".csv" or split or not csv_has_split_column(root):
+            ds = load_dataset(root, split or "train", classes, found)
+        else:
+            ds = load_dataset(root, "", classes, found)
+        rep = check_dataset(ds, decode)
+        rep.problems = [Problem(path, message) for path, message in found] + rep.problems
+        reports.append(rep)
+    return reports

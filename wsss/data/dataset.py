@@ -9,14 +9,19 @@ Two on-disk sources load into the same :class:`Dataset`:
 * a CSV manifest ``image,labels[,mask]`` with paths relative to the CSV (classes from ``classes.txt``
   beside it, or given explicitly).
 
+A CSV (``labels.csv`` or a manifest) may start with a UTF-8 byte-order mark (what spreadsheet programs
+write); a manifest with a ``split`` column serves each split its own rows.
+
 Policy for problems (each reported as one line naming the file): structural problems are fatal
-(:class:`DataError`); an image with no labels is skipped with a warning, because no weakly-supervised
-stage can learn or extract anything from it.
+(:class:`DataError`), unless a ``problems`` list is passed, as `wsss data check` does: then every one is
+recorded there (and its row left out) so that one pass lists them all. An image with no labels is
+skipped with a warning, because no weakly-supervised stage can learn or extract anything from it.
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import logging
 import xml.etree.ElementTree as ET
@@ -134,51 +139,82 @@ def read_classes(path: Path) -> list[str]:
     return names
 
 
-def _parse_labels(text: str, index: dict[str, int], where: str, path: Path) -> tuple[int, ...]:
+Problems = list[tuple[str, str]]  # (path, message) of every structural problem found
+
+
+def _problem(problems: Problems | None, message: str, path: str | Path) -> None:
+    """Raise ``message`` as a :class:`DataError`, or record it when collecting ``problems``."""
+    if problems is None:
+        raise DataError(message, path)
+    problems.append((str(path), message))
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known`` (case differences first), else ''."""
+    known = list(known)
+    same_case = [k for k in known if k.lower() == name.lower()]
+    close = same_case or difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _parse_labels(text: str, index: dict[str, int], where: str, path: Path, problems: Problems | None = None) -> tuple[int, ...]:
     ids = []
     for name in text.replace(",", " ").replace(";", " ").split():
         if name == "background":
             continue
         if name not in index:
-            known = ", ".join(list(index)[:25])
-            raise DataError(f"{where}: unknown class '{name}' (known: {known})", path)
+            hint = did_you_mean(name, [n for n in index if n != "background"])
+            _problem(problems, f"{where}: unknown class '{name}'{hint} (known: {', '.join(list(index)[1:26])})", path)
+            continue
         ids.append(index[name])
     return tuple(sorted(set(ids)))
 
 
-def read_labels_csv(path: Path, classes: Sequence[str]) -> dict[str, tuple[int, ...]]:
+def read_labels_csv(path: Path, classes: Sequence[str], problems: Problems | None = None) -> dict[str, tuple[int, ...]]:
     """Read ``labels.csv`` (``image,labels``) into ``{id: class ids}``; duplicate ids are fatal."""
     index = {n: i for i, n in enumerate(classes)}
     out: dict[str, tuple[int, ...]] = {}
-    for line, img, row in _image_rows(path, "image,labels"):
+    for line, img, row in _image_rows(path, "image,labels", problems):
         img = Path(img).stem if Path(img).suffix.lower() in IMAGE_EXTS else img
         if img in out:
-            raise DataError(f"line {line}: duplicate image id '{img}'", path)
-        out[img] = _parse_labels(row.get("labels") or "", index, f"line {line}", path)
+            _problem(problems, f"line {line}: duplicate image id '{img}'", path)
+            continue
+        out[img] = _parse_labels(row.get("labels") or "", index, f"line {line}", path, problems)
     return out
 
 
-def _image_rows(path: Path, columns: str):
-    """Yield ``(line number, image field, row)`` of a CSV whose header has ``image`` and ``labels``."""
-    with open(path, newline="", encoding="utf-8") as f:
+def _image_rows(path: Path, columns: str, problems: Problems | None = None):
+    """Yield ``(line number, image field, row)`` of a CSV whose header has ``image`` and ``labels``.
+
+    A row with more fields than the header has columns is an error naming its line: its extra fields
+    would be dropped (``x.jpg,cow,horse`` under ``image,labels`` keeps only ``cow``)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is not a column name
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"image", "labels"} <= set(reader.fieldnames):
             raise DataError(f"header must have columns '{columns}'", path)
         for row in reader:
+            extra = row.pop(None, None)
+            if extra:
+                _problem(problems, f"line {reader.line_num}: {len(reader.fieldnames) + len(extra)} fields but the header has "
+                         f"{len(reader.fieldnames)} ({','.join(reader.fieldnames)}); write several tags in one field separated "
+                         f"by spaces or ';', or quote it (\"cow,horse\")", path)
+                continue
             img = (row.get("image") or "").strip()
             if not img:
-                raise DataError(f"line {reader.line_num}: empty image field", path)
+                _problem(problems, f"line {reader.line_num}: empty image field", path)
+                continue
             yield reader.line_num, img, row
 
 
-def read_voc_xml(path: Path, classes: Sequence[str]) -> tuple[int, ...]:
+def read_voc_xml(path: Path, classes: Sequence[str], problems: Problems | None = None) -> tuple[int, ...]:
     """Image-level labels from one VOC ``Annotations/<id>.xml`` (every ``object/name``)."""
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as e:
-        raise DataError(f"invalid XML ({e})", path) from None
+        _problem(problems, f"invalid XML ({e})", path)
+        return ()
     names = " ".join((o.findtext("name") or "").strip() for o in root.iter("object"))
-    return _parse_labels(names, {n: i for i, n in enumerate(classes)}, "object", path)
+    return _parse_labels(names, {n: i for i, n in enumerate(classes)}, "object", path, problems)
 
 
 def _find_image(folder: Path, stem: str) -> Path | None:
@@ -189,18 +225,20 @@ def _find_image(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _finish(root: Path, classes: list[str], rows: list[tuple[str, Path, tuple[int, ...], Path | None]], split: str, where: Path) -> Dataset:
+def _finish(root: Path, classes: list[str], rows: list[tuple[str, Path, tuple[int, ...], Path | None]], split: str, where: Path,
+            problems: Problems | None = None) -> Dataset:
     samples, skipped, seen = [], [], set()
     for sid, img, labels, mask in rows:
         if sid in seen:
-            raise DataError(f"duplicate image id '{sid}'", where)
+            _problem(problems, f"duplicate image id '{sid}'", where)
+            continue
         seen.add(sid)
         if not labels:
             log.warning("%s: image '%s' has no labels; skipped", where, sid)
             skipped.append(sid)
             continue
         samples.append(Sample(sid, img, labels, mask))
-    if not samples:
+    if not samples and not problems:
         raise DataError(f"no usable images in split '{split}'", where)
     return Dataset(root, classes, samples, split, skipped)
 
@@ -209,7 +247,7 @@ def _finish(root: Path, classes: list[str], rows: list[tuple[str, Path, tuple[in
 # sources
 
 
-def load_voc(root: str | Path, split: str = "train", classes: Sequence[str] | None = None) -> Dataset:
+def load_voc(root: str | Path, split: str = "train", classes: Sequence[str] | None = None, problems: Problems | None = None) -> Dataset:
     """Load split ``split`` of a VOC-layout folder (see module docstring)."""
     root = Path(root)
     if not root.is_dir():
@@ -239,7 +277,7 @@ def load_voc(root: str | Path, split: str = "train", classes: Sequence[str] | No
     ann_dir = root / "Annotations"
     labels: dict[str, tuple[int, ...]] | None = None
     if labels_csv.is_file():
-        labels = read_labels_csv(labels_csv, names)
+        labels = read_labels_csv(labels_csv, names, problems)
     elif not ann_dir.is_dir():
         raise DataError("no image-level labels: need labels.csv or Annotations/", root)
 
@@ -248,25 +286,29 @@ def load_voc(root: str | Path, split: str = "train", classes: Sequence[str] | No
     for sid in ids:
         img = _find_image(img_dir, sid)
         if img is None:
-            raise DataError(f"image '{sid}' listed in {split}.txt has no file in JPEGImages/", split_file)
+            _problem(problems, f"image '{sid}' listed in {split}.txt has no file in JPEGImages/", split_file)
+            continue
         if labels is not None:
             if sid not in labels:
-                raise DataError(f"no row for image '{sid}' (listed in {split}.txt)", labels_csv)
+                _problem(problems, f"no row for image '{sid}' (listed in {split}.txt)", labels_csv)
+                continue
             lab = labels[sid]
         else:
             xml = ann_dir / f"{sid}.xml"
             if not xml.is_file():
-                raise DataError(f"no annotation for image '{sid}'", xml)
-            lab = read_voc_xml(xml, names)
+                _problem(problems, f"no annotation for image '{sid}'", xml)
+                continue
+            lab = read_voc_xml(xml, names, problems)
         mask = None
         if mask_dir is not None and (mask_dir / f"{sid}.png").is_file():
             mask = mask_dir / f"{sid}.png"
         rows.append((sid, img, lab, mask))
-    return _finish(root, names, rows, split, labels_csv if labels is not None else split_file)
+    return _finish(root, names, rows, split, labels_csv if labels is not None else split_file, problems)
 
 
-def load_csv(csv_path: str | Path, classes: Sequence[str] | None = None, split: str = "") -> Dataset:
-    """Load a CSV manifest ``image,labels[,mask]`` (paths relative to the CSV)."""
+def load_csv(csv_path: str | Path, classes: Sequence[str] | None = None, split: str = "", problems: Problems | None = None) -> Dataset:
+    """Load a CSV manifest ``image,labels[,mask][,split]`` (paths relative to the CSV); with a ``split``
+    column, only the rows of ``split``."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError("CSV manifest not found", csv_path)
@@ -278,30 +320,46 @@ def load_csv(csv_path: str | Path, classes: Sequence[str] | None = None, split: 
     else:
         raise DataError("no class list: put classes.txt beside the CSV or set data.classes", csv_path)
     index = {n: i for i, n in enumerate(names)}
-    rows = []
-    for line, rel, row in _image_rows(csv_path, "image,labels[,mask]"):
+    rows, splits = [], set()
+    for line, rel, row in _image_rows(csv_path, "image,labels[,mask][,split]", problems):
+        if "split" in row:
+            splits.add((row.get("split") or "").strip())
+            if split and (row.get("split") or "").strip() != split:
+                continue
         img = _inside(root, rel, f"line {line}: image", csv_path)
         if not img.is_file():
-            raise DataError(f"line {line}: image file '{rel}' not found", csv_path)
-        lab = _parse_labels(row.get("labels") or "", index, f"line {line}", csv_path)
+            _problem(problems, f"line {line}: image file '{rel}' not found", csv_path)
+            continue
+        lab = _parse_labels(row.get("labels") or "", index, f"line {line}", csv_path, problems)
         mrel = (row.get("mask") or "").strip()
         mask = None
         if mrel:
             mask = _inside(root, mrel, f"line {line}: mask", csv_path)
             if not mask.is_file():
-                raise DataError(f"line {line}: mask file '{mrel}' not found", csv_path)
+                _problem(problems, f"line {line}: mask file '{mrel}' not found", csv_path)
+                continue
         rows.append((Path(rel).with_suffix("").as_posix(), img, lab, mask))
-    if not rows:
+    if splits and split and split not in splits:
+        raise DataError(f"no rows of split '{split}' (the split column holds: {', '.join(sorted(splits))})", csv_path)
+    if not rows and not problems:
         raise DataError("manifest has no rows", csv_path)
-    return _finish(root, names, rows, split, csv_path)
+    return _finish(root, names, rows, split, csv_path, problems)
 
 
-def load_dataset(root: str | Path, split: str = "train", classes: Sequence[str] | None = None) -> Dataset:
-    """Load a VOC folder or a CSV manifest, whichever ``root`` is."""
+def load_dataset(root: str | Path, split: str = "train", classes: Sequence[str] | None = None,
+                 problems: Problems | None = None) -> Dataset:
+    """Load a VOC folder or a CSV manifest, whichever ``root`` is; with ``problems``, record every
+    structural problem there (leaving its row out) instead of stopping at the first."""
     root = Path(root)
     if root.suffix.lower() == ".csv":
-        return load_csv(root, classes, split)
-    return load_voc(root, split, classes)
+        return load_csv(root, classes, split, problems)
+    return load_voc(root, split, classes, problems)
+
+
+def csv_has_split_column(path: str | Path) -> bool:
+    """Whether a CSV manifest's header has a ``split`` column."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return "split" in (next(csv.reader(f), None) or [])
 
 
 def _first_duplicate(items: Sequence[str]) -> str | None:
@@ -323,3 +381,19 @@ def dataset_fingerprint(datasets: list[Dataset]) -> str:
             h.update(f"{s.id}|{s.labels}|{st.st_size}|{s.mask is not None}\n".encode())
     return h.hexdigest()[:16]
 
+
+def carve_split(ds: Dataset, fraction: float, val_name: str) -> tuple[Dataset, Dataset]:
+    """``(train, val)``: the images of ``ds`` whose id hashes below ``fraction`` become split ``val_name``
+    (at least one image each side when ``ds`` has two or more), the rest stay. A hash, not a shuffle: an
+    image keeps its side when others are added or removed."""
+    def u(sid: str) -> float:
+        return int(hashlib.sha256(f"wsss-val|{sid}".encode()).hexdigest()[:12], 16) / 16**12
+
+    scores = {s.id: u(s.id) for s in ds}
+    val = {sid for sid, v in scores.items() if v < fraction}
+    if len(ds) >= 2 and not val:
+        val = {min(scores, key=scores.get)}
+    if len(ds) >= 2 and len(val) == len(ds):
+        val.discard(max(scores, key=scores.get))
+    train = Dataset(ds.root, ds.classes, [s for s in ds if s.id not in val], ds.split, ds.skipped)
+    return train, Dataset(ds.root, ds.classes, [s for s in ds if s.id in val], val_name)

@@ -8,12 +8,14 @@ stage has not finished), ``section(cfg) -> dict`` (the settings its key covers),
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from wsss.config import Config, DataConfig, config_hash, save_config
 from wsss.data.dataset import Dataset, load_dataset
@@ -21,6 +23,7 @@ from wsss.engine.core import barrier, init_distributed, is_main
 from wsss.errors import ConfigError, DataError, WsssError
 from wsss.io import read_json, remove_temp_files
 from wsss.manifest import StageOutcome, finished_outcome, prepare_output_folder, read_manifest, stage_key, write_manifest
+from wsss.pipeline.checks import check_config
 from wsss.pipeline.table import STAGE_NAMES, folder_of, get_stage, stage_folder
 from wsss.shard import Shard, check_shards, env_shard, shard_ids, write_shard_record
 
@@ -34,12 +37,25 @@ def dataset_root(cfg: DataConfig, run_dir: Path) -> Path:
     return Path(run_dir) / stage_folder("data") / "synth"
 
 
+#: subfolder of the data stage's folder with the image ids of carved splits (``<split>.txt``)
+SPLITS = "splits"
+
+
 def open_split(run_dir: str | Path, split: str) -> Dataset:
-    """Load a split of the dataset recorded in ``RUN/data/index.json`` (the data stage's output)."""
-    index_path = Path(run_dir) / stage_folder("data") / "index.json"
+    """Load a split of the dataset recorded in ``RUN/data/index.json`` (the data stage's output); a split
+    the data stage carved (``data.val_fraction``) keeps only the ids listed in ``RUN/data/splits/``."""
+    data = Path(run_dir) / stage_folder("data")
+    index_path = data / "index.json"
     if not index_path.is_file():
         raise DataError("no data stage output here; run `wsss run CONFIG --to data` first", index_path)
     index = read_json(index_path)
+    listed = data / SPLITS / f"{split}.txt"
+    if index.get("carved") and listed.is_file():
+        ids = listed.read_text(encoding="utf-8").splitlines()
+        full = load_dataset(index["root"], next(iter(index["splits"])), index["classes"][1:])
+        part = full.subset(ids)
+        part.split = split
+        return part
     return load_dataset(index["root"], split, index["classes"][1:])
 
 
@@ -98,7 +114,7 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, force: bool = False, 
     if done is not None:
         return done
     if is_main():
-        prepare_output_folder(ctx.out, ctx.key, force, *stage.clear)
+        prepare_output_folder(ctx.out, ctx.key, force, stage.keep)
         save_config(getattr(cfg, stage.section), ctx.out / "config.yaml")
     if stage.distributed:  # every rank trains: the others wait for rank 0's folder
         barrier()
@@ -112,9 +128,57 @@ def run_stage(name: str, cfg: Config, run_dir: str | Path, force: bool = False, 
     return StageOutcome(write_manifest(ctx.out, name, section, chash, inputs, outputs, started), skipped=False)
 
 
+_HELD: dict[Path, tuple[Any, int]] = {}  # run directories this process holds: (open lock file, depth)
+
+
+@contextlib.contextmanager
+def hold_run(run_dir: str | Path, shared: bool = False) -> Iterator[None]:
+    """Hold the run directory's lock (``RUN/.lock``) while the block runs, so that a second `wsss run` or
+    stage on the same directory is refused with one line naming the holder's pid instead of training on
+    files the first is still writing. The OS drops the lock when its process ends, killed or not, so a
+    dead holder never blocks. Re-entrant within a process. ``shared``: take no lock (shards and torchrun
+    ranks other than 0 work in the directory together by design)."""
+    import fcntl
+
+    run_dir = Path(run_dir).resolve()
+    if shared or int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    if run_dir in _HELD:
+        f, depth = _HELD[run_dir]
+        _HELD[run_dir] = (f, depth + 1)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            f.close()
+            raise WsssError(f"run directory is in use by another wsss process (pid {pid}); wait for it to finish, "
+                            "or give this run another run.out_dir", run_dir) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _HELD[run_dir] = (f, 1)
+    try:
+        yield
+    finally:
+        f, depth = _HELD[run_dir]
+        if depth > 1:
+            _HELD[run_dir] = (f, depth - 1)
+        else:
+            del _HELD[run_dir]
+            f.close()  # closing the file releases the lock
+
+
 def prepare_run(cfg: Config, config_name: str = "config.yaml") -> Path:
-    """Create the run directory, remove what a killed config or report write left at its top level and
-    save the resolved config there."""
+    """Check the config (every name, path and cross-section constraint: nothing is created when it
+    fails), create the run directory, remove what a killed config or report write left at its top level
+    and save the resolved config there."""
+    check_config(cfg)
     run_dir = Path(cfg.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_temp_files(run_dir, recursive=False)  # stages clean their own folders
@@ -135,6 +199,14 @@ def run_command(name: str, cfg: Config, force: bool = False, shard: Shard | None
     other ranks; a per-image stage runs the ``shard`` given, or under torchrun this rank's shard followed
     by rank 0's merge."""
     stage = get_stage(name)
+    check_config(cfg)
+    shared = shard is not None or (stage.shardable and env_shard() is not None)
+    with hold_run(cfg.run.out_dir, shared=shared):
+        return _run_command(stage, cfg, force, shard, **options)
+
+
+def _run_command(stage, cfg: Config, force: bool, shard: Shard | None, **options: Any) -> StageOutcome | None:
+    name = stage.name
     setup = partial(setup_run, cfg)
     if stage.distributed:
         section = getattr(cfg, stage.section)
@@ -194,6 +266,8 @@ def stage_slice(names: tuple[str, ...], from_stage: str | None, to_stage: str | 
             raise ConfigError(f"unknown stage '{s}' (stages: {', '.join(names)})")
     lo = names.index(from_stage) if from_stage else 0
     hi = names.index(to_stage) if to_stage else len(names) - 1
+    if lo > hi:
+        raise ConfigError(f"--from {from_stage} comes after --to {to_stage}: nothing to run (order: {', '.join(names)})")
     return list(names[lo : hi + 1])
 
 
@@ -201,10 +275,17 @@ def run_flow(cfg: Config, names: tuple[str, ...] = STAGE_NAMES, from_stage: str 
              force: tuple[str, ...] = (), config_name: str = "config.yaml") -> RunResult:
     """Run the stages ``names`` (in that order; a slice with ``from_stage``/``to_stage``) into
     ``cfg.run.out_dir``; a stage named in ``force`` is redone with everything after it."""
+    todo = stage_slice(names, from_stage, to_stage)
+    check_config(cfg)
+    with hold_run(cfg.run.out_dir):
+        return _run_flow(cfg, names, todo, force, config_name)
+
+
+def _run_flow(cfg: Config, names: tuple[str, ...], todo: list[str], force: tuple[str, ...], config_name: str) -> RunResult:
     run_dir = prepare_run(cfg, config_name)
     forced_from = min((names.index(s) for s in force if s in names), default=len(names))
     result = RunResult(run_dir)
-    for name in stage_slice(names, from_stage, to_stage):
+    for name in todo:
         if not get_stage(name).is_enabled(cfg):
             section = get_stage(name).section
             log.info("stage %s: disabled (%s.enabled=false)", name, section)

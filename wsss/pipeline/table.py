@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Stage:
     """One row of the table. ``folder``/``folder_gt`` may hold ``{split}``; ``maps``/``masks`` name the
-    subfolder holding the maps (``.npz``) or masks (``.png``) the stage hands on, when it hands any on."""
+    subfolder holding the maps (``.npz``) or masks (``.png``) the stage hands on, when it hands any on.
+    Everything under the folder is the stage's and is cleared when its key changes, except ``keep``;
+    ``required`` files must exist for a finished stage to count as up to date."""
 
     name: str
     folder: str
@@ -46,7 +48,7 @@ class Stage:
     maps: str | None = None
     masks: str | None = None
     enabled: Callable[["Config"], bool] | None = None
-    clear: tuple[str, ...] = ()
+    keep: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
     shardable: bool = False
     distributed: bool = False
@@ -61,28 +63,26 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", "data", "data", (), "data.root (VOC folder or CSV) or the synthetic generator",
-          "index.json, check.json", "make or locate the dataset, check it, record its index"),
+          "index.json, check.json", "make or locate the dataset, check it, record its index", keep=("synth",)),
     Stage("train-cls", "cls", "train_cls", ("data",), "images and image-level labels",
-          "classifier.pt", "train the multi-label classifier from image-level labels",
-          clear=("checkpoint.pt", "classifier.pt", "log.csv"), required=("classifier.pt",), distributed=True),
+          "classifier.pt", "train the multi-label classifier from image-level labels", required=("classifier.pt",), distributed=True),
     Stage("cam", "cam", "cam", ("train-cls",), "classifier.pt, images", "<id>.npz",
-          "extract class activation maps (CAM, Grad-CAM family)", maps="", clear=("*.npz", "shards"), shardable=True),
+          "extract class activation maps (CAM, Grad-CAM family)", maps="", shardable=True),
     Stage("expand", "expand", "expand", ("train-cls", "cam"), "classifier.pt, cam/*.npz, images", "<id>.npz",
           "fine-tune with erasing / hide-and-seek / ACoL / mixup and extract expanded CAMs", maps="",
-          enabled=lambda cfg: cfg.expand.enabled, clear=("*.npz", "round_*", "with_seed"), distributed=True),
+          enabled=lambda cfg: cfg.expand.enabled, distributed=True),
     Stage("crf", "crf", "crf", ("cam",), "cam/ or expand/ *.npz (crf.source), images", "<id>.png, stats.csv",
-          "refine CAMs with a dense CRF into palette-PNG pseudo-masks", masks="", clear=("*.png", "shards"),
+          "refine CAMs with a dense CRF into palette-PNG pseudo-masks", masks="",
           required=("stats.csv",), shardable=True),
     Stage("affinity", "affinity", "affinity", ("train-cls", "crf", "cam"), "classifier.pt, crf/*.png, the maps crf read",
           "maps/<id>.npz, masks/<id>.png", "learn pixel affinities from the pseudo-masks, random-walk the CAMs, CRF them again",
-          maps="maps", masks="masks", enabled=lambda cfg: cfg.affinity.enabled,
-          clear=("maps", "masks", "head.pt", "checkpoint.pt", "log.csv"), required=("masks/stats.csv",)),
+          maps="maps", masks="masks", enabled=lambda cfg: cfg.affinity.enabled, required=("masks/stats.csv",)),
     Stage("train-seg", "seg", "train_seg", ("data", "crf"), "images + pseudo-masks (crf/ or affinity/masks/; or ground truth)",
           "segmenter.pt", "train a DeepLab segmenter on the pseudo-masks (or the ground truth: --masks gt)",
-          folder_gt="seg_gt", clear=("checkpoint.pt", "segmenter.pt", "log.csv"), required=("segmenter.pt",), distributed=True),
+          folder_gt="seg_gt", required=("segmenter.pt",), distributed=True),
     Stage("predict", "predict/{split}", "predict", ("train-seg",), "segmenter.pt, images of predict.split",
           "<id>.png, overlay/<id>.jpg", "segment a dataset split, images or folders with a trained segmenter",
-          folder_gt="predict_gt/{split}", masks="", clear=("*.png", "overlay", "shards"), shardable=True),
+          folder_gt="predict_gt/{split}", masks="", shardable=True),
     Stage("eval", "eval", "eval", ("cam", "expand", "crf", "affinity", "predict"), "every finished map/mask folder + ground truth",
           "summary.json", "score maps, pseudo-masks and predictions against ground truth"),
 )

@@ -41,11 +41,16 @@ def run(ctx: StageContext) -> dict:
     model, meta = load_classifier(ctx.folder("train-cls") / "classifier.pt", device)
     ds = ctx.select(ctx.split(c.split))
     counts = extract_to_folder(model, ds, c, ctx.out, device, meta["mean"], meta["std"])
-    if ctx.shard is None:
-        log.info("cam: %d images (%d computed, %d reused), method %s, %d scales%s -> %s", counts["images"], counts["computed"],
-                 counts["reused"], c.method, len(c.scales), " + flip" if c.flip else "", ctx.out)
-        return {"format": "npz: classes int16 (k,), cam float16 (k,H,W)", **counts, "shards": ctx.shards}
-    return counts
+    if ctx.shard is not None:
+        return counts
+    log.info("cam: %d images (%d computed, %d reused), method %s, %d scales%s -> %s", counts["images"], counts["computed"],
+             counts["reused"], c.method, len(c.scales), " + flip" if c.flip else "", ctx.out)
+    warnings = []
+    if counts["computed"] and counts["empty"] == counts["computed"]:
+        warnings.append(f"every map of the {counts['computed']} images is zero: the classifier finds none of the labelled "
+                        "classes, so the pseudo-masks will be all background (check train-cls's loss and val mAP in cls/log.csv)")
+        log.warning("cam: %s", warnings[-1])
+    return {"format": "npz: classes int16 (k,), cam float16 (k,H,W)", **counts, "shards": ctx.shards, "warnings": warnings}
 
 
 def summary(cfg: Config, run_dir: Path, outcome: StageOutcome) -> str:

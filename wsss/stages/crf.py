@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from wsss.config import Config, config_to_dict
-from wsss.crf.pool import UNKEYED, crf_jobs, resolve_workers, run_crf, write_stats
+from wsss.crf.pool import UNKEYED, crf_jobs, empty_masks_warning, resolve_workers, run_crf, write_stats
 from wsss.crf.sweep import sweep_crf
 from wsss.errors import WsssError
 from wsss.manifest import StageOutcome, read_manifest
@@ -53,8 +53,12 @@ def run(ctx: StageContext) -> dict:
     log.info("crf: %d images (%d computed, %d reused) from %s, %s mode, %d workers; foreground %.1f%%, ignored %.1f%% -> %s",
              len(ds), len(jobs), n_done, source, cfg.crf.mode, n_workers, 100 * stats["mean_fg_share"],
              100 * stats["mean_ignore_share"], ctx.out)
+    warnings = empty_masks_warning(stats, len(ds))
+    for w in warnings:
+        log.warning("crf: %s", w)
     return {"images": len(ds), "computed": len(jobs), "reused": n_done, "source": source, "workers": n_workers, "shards": ctx.shards,
-            "seconds_per_image": round(secs / len(jobs), 4) if jobs else None, **{k: round(v, 4) for k, v in stats.items()}}
+            "seconds_per_image": round(secs / len(jobs), 4) if jobs else None, **{k: round(v, 4) for k, v in stats.items()},
+            "warnings": warnings}
 
 
 def sweep(cfg: Config, run_dir: Path, workers: int | None = None) -> dict:

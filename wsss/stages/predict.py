@@ -8,12 +8,14 @@ blended over its foreground). PNGs are written atomically; a killed run resumes 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
-from wsss.config import Config, config_to_dict
+from wsss.config import Config, config_hash, config_to_dict
 from wsss.errors import WsssError
 from wsss.inference import predict_items
-from wsss.manifest import StageOutcome
+from wsss.io import file_digest
+from wsss.manifest import StageOutcome, prepare_output_folder, stage_key, write_manifest
 from wsss.models.checkpoint import load_segmenter
 from wsss.pipeline.runner import StageContext
 from wsss.pipeline.table import folder_of
@@ -56,13 +58,19 @@ def run(ctx: StageContext) -> dict:
 
 def predict_paths(cfg: Config, model_path: Path, items: list[tuple[str, Path]], out: Path, force: bool = False) -> dict:
     """`wsss predict --input/--model/--out`: ``items`` (``(id, image path)``) with the segmenter at
-    ``model_path`` into ``out`` (``--force``: recompute the PNGs already there). Returns counts."""
+    ``model_path`` into ``out``. The folder is keyed like a stage's: predictions of another model or other
+    settings found there are cleared first (``force``: always), and its ``manifest.json`` names the model.
+    Unreadable images are skipped (listed in ``skipped``). Returns counts."""
+    started = time.time()
     model, meta = load_segmenter(model_path)
-    if force and out.is_dir():
-        for f in out.glob("*.png"):
-            f.unlink()
-    return predict_items(model, items, out, cfg.predict, cfg.predict.resize_long or meta.get("resize_long"),
-                         cfg.crf if cfg.predict.crf else None, skip_done=True)
+    settings = section(cfg)
+    inputs = {"model": file_digest(model_path)}
+    chash = config_hash(settings)
+    prepare_output_folder(out, stage_key("predict", chash, inputs), force)
+    stats = predict_items(model, items, out, cfg.predict, cfg.predict.resize_long or meta.get("resize_long"),
+                          cfg.crf if cfg.predict.crf else None, skip_done=True, skip_unreadable=True)
+    write_manifest(out, "predict", settings, chash, inputs, {**stats, "model": str(model_path)}, started)
+    return stats
 
 
 def summary(cfg: Config, run_dir: Path, outcome: StageOutcome) -> str:
