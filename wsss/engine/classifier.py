@@ -17,15 +17,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsss.config import TrainClsConfig, save_config
+from wsss.config import TrainClsConfig
 from wsss.data.dataset import Dataset
 from wsss.data.presets import eval_transform, train_transform
 from wsss.data.transforms import to_tensor
-from wsss.engine.core import (barrier, fit, is_main, load_checkpoint, make_optimizer, memory_layout, rank_batches, rank_device,
-                              resolve_device, save_checkpoint, set_train_mode)
+from wsss.engine.core import (barrier, fit, is_main, load_checkpoint, make_optimizer, memory_layout, rank_batches,
+                              save_checkpoint, set_train_mode, start_training)
 from wsss.errors import WsssError
 from wsss.evaluation.metrics import average_precision, f1_scores
-from wsss.io import remove_temp_files
 from wsss.models.checkpoint import build_classifier, use_channels_last
 from wsss.models.classifier import Classifier
 
@@ -120,18 +119,12 @@ def train_classifier(cfg: TrainClsConfig, train_ds: Dataset, out_dir: str | Path
     ``hooks`` change batches and add loss terms, ``erase`` blanks regions of training images.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_temp_files(out_dir)
-    save_config(cfg, out_dir / "config.yaml")
-    device = rank_device(resolve_device(cfg.device))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(seed)
+    device = start_training(cfg, out_dir, seed)
     model = build_classifier(cfg, train_ds.num_classes, head)
     if init is not None:
         start = load_checkpoint(init)
         missing, unexpected = model.load_state_dict(start.get("model", {}), strict=False)
-        if unexpected or any(not k.startswith("classifier_b.") for k in missing):
+        if unexpected or any(not k.startswith(model.extra_heads or ("\0",)) for k in missing):
             raise WsssError(f"cannot start from {init}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
     layout = memory_layout(use_channels_last(cfg.channels_last, model))
     model = model.to(device, memory_format=layout)

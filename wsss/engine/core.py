@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 __all__ = ["START_OVER", "autocast", "barrier", "broadcast_int", "check_resumable", "distributed_loss", "fit",
            "freeze_parameters", "init_distributed", "is_main", "load_checkpoint", "make_optimizer", "memory_layout",
            "poly_lr", "rank_batches", "rank_device", "reduce_sum", "resolve_device", "save_checkpoint", "set_train_mode",
-           "world", "write_log_csv"]
+           "start_training", "world", "write_log_csv"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -226,6 +226,23 @@ def autocast(device: torch.device, amp: str):
     if amp == "none" or device.type != "cuda":
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def start_training(cfg: Any, out_dir: Path, seed: int) -> torch.device:
+    """Before building a network to train: ``out_dir`` made and rid of a killed run's temp files, the
+    section ``cfg`` saved there as ``config.yaml``, torch's threads (``cfg.threads``) and seed set.
+    Returns this rank's device."""
+    from wsss.config import save_config
+    from wsss.io import remove_temp_files
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out_dir)
+    save_config(cfg, out_dir / "config.yaml")
+    device = rank_device(resolve_device(cfg.device))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(seed)
+    return device
 
 
 def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, data: torch.utils.data.Dataset,

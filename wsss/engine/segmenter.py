@@ -19,14 +19,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsss.config import TrainSegConfig, save_config
+from wsss.config import TrainSegConfig
 from wsss.data.dataset import Dataset
 from wsss.data.presets import train_transform
 from wsss.data.transforms import to_tensor
-from wsss.engine.core import (barrier, fit, is_main, make_optimizer, memory_layout, rank_batches, rank_device, resolve_device,
-                              save_checkpoint, set_train_mode)
+from wsss.engine.core import (barrier, fit, is_main, make_optimizer, memory_layout, rank_batches, save_checkpoint, set_train_mode,
+                              start_training)
 from wsss.errors import DataError
-from wsss.io import IGNORE, read_mask, remove_temp_files
+from wsss.io import IGNORE, read_mask
 from wsss.models.checkpoint import build_segmenter
 
 log = logging.getLogger(__name__)
@@ -90,13 +90,7 @@ def train_segmenter(cfg: TrainSegConfig, train_ds: Dataset, masks: MaskSource, o
     from wsss.evaluation.seg import evaluate_segmenter
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_temp_files(out_dir)
-    save_config(cfg, out_dir / "config.yaml")
-    device = rank_device(resolve_device(cfg.device))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(seed)
+    device = start_training(cfg, out_dir, seed)
     model = build_segmenter(cfg, len(train_ds.classes))
     layout = memory_layout(model.prefers_channels_last if cfg.channels_last is None else cfg.channels_last)
     model = model.to(device, memory_format=layout)
