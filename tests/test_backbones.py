@@ -75,6 +75,8 @@ class BackboneTester:
         assert levels[0].shape[-2:] == (math.ceil(self.size / 4), math.ceil((self.size + 24) / 4))
         assert levels[1].shape[-2:] == grid_size(self.size, self.size + 24)
         assert levels[-1].shape[-2:] == out.shape[-2:] and all(torch.isfinite(f).all() for f in levels)
+        with torch.no_grad():  # DeepLab v3+ takes the output from the levels instead of a second pass
+            assert torch.allclose(net.eval().levels_to_output(net.forward_levels(x)[-1]), net(x), atol=1e-5)
 
     def test_backward_and_stem(self):
         net = self.build(self.strides[-1])

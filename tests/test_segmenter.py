@@ -73,6 +73,24 @@ class TestDeepLabV3(SegmenterTester):
     name, options = "deeplabv3", {"backbone": "tiny", "channels": 32}
 
 
+class TestDeepLabV3Plus(SegmenterTester):
+    name, options = "deeplabv3plus", {"backbone": "tiny", "channels": 32}
+
+
+class TestDeepLabV3PlusLite0(SegmenterTester):
+    name, options = "deeplabv3plus", {"backbone": "efficientnet_lite0", "channels": 32}
+
+
+def test_deeplabv3plus_decodes_at_the_low_level_stride():
+    model = create_segmenter("deeplabv3plus", K, backbone="tiny", channels=16).eval()
+    x = torch.randn(1, 3, 64, 48)
+    x0 = x.clone()
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        logits = model.forward_head(feats)
+    assert logits.shape[-2:] == feats[0].shape[-2:] == (16, 12) and torch.equal(x, x0)  # stride 4, not the backbone's 8
+
+
 class TestDeepLabV2(SegmenterTester):
     name, options = "deeplabv2", {"backbone": "tiny"}
 

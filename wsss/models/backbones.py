@@ -39,6 +39,11 @@ class Backbone(nn.Module):
         stage learns pixel similarity from). ``(B, 3, H, W)`` -> list of ``(B, C_l, H/s_l, W/s_l)``."""
         raise NotImplementedError(f"{type(self).__name__} does not expose multi-level features")
 
+    def levels_to_output(self, last: torch.Tensor) -> torch.Tensor:
+        """The backbone's output from the last tensor :meth:`forward_levels` returns (the same tensor here;
+        a backbone whose output adds layers after its last level applies them)."""
+        return last
+
 
 def create_backbone(name: str, pretrained: bool | str = False, output_stride: int = 16, **kw) -> Backbone:
     """Create a registered backbone. ``pretrained``: False, True (the packaged/cached ImageNet

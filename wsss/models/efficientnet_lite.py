@@ -105,6 +105,9 @@ class EfficientNetLite(Backbone):
             x = b(x)
         return self.act(self._bn1(self._conv_head(x)))
 
+    def levels_to_output(self, last: torch.Tensor) -> torch.Tensor:
+        return self.act(self._bn1(self._conv_head(last)))
+
     def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.act(self._bn0(self._conv_stem(x)))
         out = []

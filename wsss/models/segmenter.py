@@ -1,5 +1,5 @@
-"""Segmenter registry: DeepLab v3 (ASPP) and v2 (ASPP-sum, LargeFOV) on any registered backbone, and
-torchvision's DeepLab v3 builders. A segmenter maps ``(B, 3, H, W)`` to logits ``(B, K, H, W)``.
+"""Segmenter registry: DeepLab v3 (ASPP), v3+ (ASPP + a low-level decoder) and v2 (ASPP-sum, LargeFOV) on
+any registered backbone, and torchvision's DeepLab v3 builders. A segmenter maps ``(B, 3, H, W)`` to logits ``(B, K, H, W)``.
 
 Every segmenter exposes ``forward_features`` / ``forward_head`` (features -> logits at feature
 resolution), ``backbone`` (for freezing), ``mean``/``std``, ``param_groups`` and ``spec()``, the
@@ -124,6 +124,34 @@ class DeepLabV3(Segmenter):
         return [self.aspp, self.head, self.classifier]
 
 
+class DeepLabV3Plus(DeepLabV3):
+    """DeepLab v3+ (Chen et al. 2018): DeepLab v3's ASPP on the last features, upsampled to the backbone's
+    first (stride-4) level, concatenated with that level projected to ``low_channels`` by a 1x1 conv, and
+    refined by two 3x3 convs: the low-level features give back the object boundaries that stride 8-16
+    features blur. ``forward_features`` returns ``[low (B, C_0, H/4, W/4), output (B, C, H/s, W/s)]``."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, channels: int = 256, rates: Sequence[int] | None = None,
+                 dropout: float = 0.1, low_channels: int = 48) -> None:
+        super().__init__(backbone, num_classes, channels, rates, dropout)
+        if not getattr(backbone, "level_channels", ()):
+            raise ConfigError(f"segmenter 'deeplabv3plus' needs a backbone with multi-level features; "
+                              f"'{type(backbone).__name__}' has none")
+        self.low = _conv_bn_relu(backbone.level_channels[0], low_channels, 1)
+        self.head = nn.Sequential(_conv_bn_relu(channels + low_channels, channels, 3), _conv_bn_relu(channels, channels, 3))
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        levels = self.backbone.forward_levels(x)
+        return [levels[0], self.backbone.levels_to_output(levels[-1])]
+
+    def forward_head(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        low, top = feats[0], feats[-1]
+        y = F.interpolate(self.aspp(top), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classifier(self.head(torch.cat([y, self.low(low)], 1)))
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.aspp, self.low, self.head, self.classifier]
+
+
 class DeepLabV2(Segmenter):
     """DeepLab v2 (Chen et al. 2016): ASPP-sum (one dilated 3x3 classifier per rate, logits summed), or
     LargeFOV (one 3x3 conv at rate 12 with 1024 channels, then two 1x1 convs)."""
@@ -241,6 +269,7 @@ def _deeplab(cls, **fixed):
 
 
 SEGMENTERS.register("deeplabv3")(_deeplab(DeepLabV3))
+SEGMENTERS.register("deeplabv3plus")(_deeplab(DeepLabV3Plus))
 SEGMENTERS.register("deeplabv2")(_deeplab(DeepLabV2))
 SEGMENTERS.register("deeplabv2_largefov")(_deeplab(DeepLabV2, largefov=True))
 
