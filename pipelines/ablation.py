@@ -107,9 +107,17 @@ def combined_variant(cfg: Config, rows: list[dict[str, Any]]) -> str | None:
     singles = [r for r in rows if "+" not in r["variant"] and r["variant"] != "plain"]
     if not cfg.ablation.combine_best or len(singles) < 2:
         return None
-    a, b = sorted(singles, key=lambda r: -r["mIoU"])[:2]
-    combo = "+".join(sorted([a["variant"], b["variant"]]))
-    return None if combo in cfg.ablation.variants else combo
+    ranked = sorted(singles, key=lambda r: -r["mIoU"])
+    best = ranked[0]
+    # the best partner that can share a fine-tune with it (two methods that each bring a head cannot)
+    for other in ranked[1:]:
+        combo = "+".join(sorted([best["variant"], other["variant"]]))
+        try:
+            create_expand_methods(variant_methods(combo), cfg.expand)
+        except ConfigError:
+            continue
+        return None if combo in cfg.ablation.variants else combo
+    return None
 
 
 def render_table(rows: list[dict[str, Any]], modes: list[str]) -> str:

@@ -42,3 +42,9 @@ def test_table_has_a_column_per_crf_mode_and_deltas():
     assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 11
     assert "| acol | 41.2 | +1.2 | 0.30 | 50.0 | 60.0 | 61.2 | 55.0 | 1 | 2 |" in md
     assert "| CAM (stage 2) | 40.0 | +0.0 |" in md
+
+
+def test_best_pair_skips_methods_that_each_bring_a_head():
+    cfg = load_config(None, ["ablation.variants=[acol, recam, mixup]"])
+    rows = [{"variant": "acol", "mIoU": 50.0}, {"variant": "recam", "mIoU": 49.0}, {"variant": "mixup", "mIoU": 30.0}]
+    assert combined_variant(cfg, rows) == "acol+mixup"

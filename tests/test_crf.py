@@ -301,3 +301,32 @@ def test_killed_run_leaves_no_half_file_and_resumes(tmp_path):
     o = again.manifest["outputs"]
     assert o["reused"] >= len(done) and o["reused"] + o["computed"] == 16
     assert not list(out.glob(".*.tmp*")), "temp files of the killed run are cleaned up"
+
+
+# --------------------------------------------------------------------------------------------------
+# thresholds without ground truth
+
+
+def test_multi_otsu_cuts_between_the_three_modes():
+    from wsss.crf.auto import multi_otsu
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0.05, 0.02, 6000), rng.normal(0.45, 0.05, 1500), rng.normal(0.9, 0.03, 2500)])
+    hist = np.bincount(np.clip((values * 256).astype(int), 0, 255), minlength=256)
+    h0 = hist.copy()
+    t1, t2 = multi_otsu(hist)
+    assert 0.11 * 256 <= t1 <= 0.30 * 256 and 0.60 * 256 <= t2 <= 0.81 * 256, (t1, t2)  # between the modes' 3-sigma ranges
+    assert np.array_equal(hist, h0)
+
+
+def test_auto_thresholds_never_open_a_mask_file(tmp_path):
+    cfg, run_dir, ds = _run_with_cams(tmp_path, n=6)
+    for s in ds:  # any read of the ground truth now fails loudly
+        s.mask.write_bytes(b"not a png")
+    auto = cfg.model_copy(update={"crf": cfg.crf.model_copy(update={"thresholds": "auto", "auto_images": 4})})
+    out = run_stage("crf", auto, run_dir, workers=1)
+    chosen = out.manifest["outputs"]["auto_thresholds"]
+    assert chosen["images"] == 4 and 0 < chosen["low_threshold"] < chosen["fg_threshold"] < 0.9
+    assert len(list((run_dir / "crf").glob("*.png"))) == len(ds)
+    again = run_stage("crf", auto, tmp_path / "run", workers=1)
+    assert again.skipped  # the same maps give the same thresholds, and so the same key

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from wsss.camfile import load_cam, save_cam
 from wsss.config import ExpandConfig, TrainClsConfig, load_config
@@ -192,7 +193,7 @@ class MethodTester:
         cfg, train, cls_path = tiny_setup
         ecfg = ExpandConfig(methods=[self.name])
         methods = create_expand_methods([self.name], ecfg)
-        head = {"head": methods.head, "acol_threshold": ecfg.acol.threshold} if methods.head == "acol" else None
+        head = {"head": methods.head, **methods.head_kwargs} if methods.head != "gap" else None
         erase = {s.id: np.ones((64, 64), bool) for s in train.samples[:3]} if methods.rounds else None
         summary = train_classifier(cfg, train, tmp_path, init=cls_path, head=head, hooks=methods, erase=erase)
         assert np.isfinite(summary["final"]["loss"])
@@ -233,6 +234,61 @@ class TestMixup(MethodTester):
 
 class TestEquivariant(MethodTester):
     name = "equivariant"
+
+
+class TestMultiDilated(MethodTester):
+    name = "multi_dilated"
+
+
+class TestReCAM(MethodTester):
+    name = "recam"
+
+
+def test_multi_dilated_maps_fuse_rate_one_and_the_mean_of_the_dilated_heads():
+    from wsss.models.classifier import MultiDilatedClassifier
+
+    torch.manual_seed(0)
+    model = MultiDilatedClassifier(create_backbone("tiny", output_stride=8), 3, rates=(2, 4)).eval()
+    feats = torch.rand(2, model.backbone.out_channels, 9, 11)
+    f0 = feats.clone()
+    cls = torch.tensor([0, 2])
+    maps = model.class_maps(feats, cls)
+    base = F.conv2d(feats, model.classifier.weight[cls])
+    dil = [F.conv2d(feats, conv.weight[cls], padding=r, dilation=r) for conv, r in zip(model.dilated, (2, 4))]
+    assert torch.allclose(maps, base + (dil[0] + dil[1]) / 2, atol=1e-6) and torch.equal(feats, f0)
+    logits = model.training_logits(feats.requires_grad_(True), torch.eye(3)[:2])
+    assert len(logits) == 3 and all(t.shape == (2, 3) for t in logits)
+    sum(F.multilabel_soft_margin_loss(t, torch.eye(3)[:2]) for t in logits).backward()
+    assert all(conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0 for conv in model.dilated)
+
+
+def test_recam_loss_trains_its_head_and_the_features():
+    from wsss.models.classifier import ReCAMClassifier
+
+    torch.manual_seed(0)
+    model = ReCAMClassifier(create_backbone("tiny", output_stride=8), 4)
+    x = torch.rand(3, 3, 32, 32)
+    x0 = x.clone()
+    y = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]])
+    loss = model.recam_loss(model.forward_features(x), y)
+    assert torch.isfinite(loss) and loss > 0 and torch.equal(x, x0)
+    loss.backward()
+    assert model.classifier_r.weight.grad.abs().sum() > 0 and next(model.backbone.parameters()).grad.abs().sum() > 0
+    none = model.recam_loss(model.forward_features(x), torch.zeros(3, 4))
+    assert none.item() == 0 and torch.isfinite(none)
+    opt = torch.optim.SGD(model.classifier_r.parameters(), lr=5.0)
+    feats = model.forward_features(x).detach()
+    first = model.recam_loss(feats, y).item()
+    for _ in range(20):
+        opt.zero_grad()
+        model.recam_loss(feats, y).backward()
+        opt.step()
+    assert model.recam_loss(feats, y).item() < first
+
+
+def test_two_methods_with_their_own_heads_are_refused():
+    with pytest.raises(ConfigError, match="each need their own classifier head"):
+        create_expand_methods(["acol", "recam"], ExpandConfig())
 
 
 def test_every_method_has_a_tester():

@@ -230,6 +230,15 @@ class ACoLConfig(Section):
     threshold: float = Field(0.6, gt=0, lt=1, description="head A's normalised map above this is erased for head B")
 
 
+class MultiDilatedConfig(Section):
+    rates: list[int] = Field(default_factory=lambda: [3, 6, 9], min_length=1, description="dilation rates of the extra 3x3 heads "
+                             "(Wei et al. 2018 use 3, 6, 9 at stride 8)")
+
+
+class ReCAMConfig(Section):
+    weight: float = Field(1.0, ge=0, description="weight of the softmax cross-entropy on CAM-weighted features")
+
+
 class MixupConfig(Section):
     alpha: float = Field(1.0, gt=0, description="mixing weight ~ Beta(alpha, alpha)")
     entropy_weight: float = Field(0.05, ge=0, description="weight of the per-pixel class entropy term")
@@ -257,6 +266,8 @@ class ExpandConfig(Section):
     acol: ACoLConfig = Field(default_factory=ACoLConfig)
     mixup: MixupConfig = Field(default_factory=MixupConfig)
     equivariant: EquivariantConfig = Field(default_factory=EquivariantConfig)
+    multi_dilated: MultiDilatedConfig = Field(default_factory=MultiDilatedConfig)
+    recam: ReCAMConfig = Field(default_factory=ReCAMConfig)
 
 
 class CrfConfig(Section):
@@ -287,6 +298,10 @@ class CrfConfig(Section):
     workers: int = Field(0, ge=0, description="worker processes; 0 = one per CPU core")
     max_side: int | None = Field(1024, ge=64, description="photos with a longer side are refined at this long side and the "
                                  "mask resized to the photo (bounds memory per image); null = no cap")
+    thresholds: Literal["manual", "auto"] = Field("manual", description="confidence mode: manual = fg_threshold and "
+                                                  "low_threshold as set; auto = chosen from the CAMs of the split alone "
+                                                  "(two-level Otsu of their values; no mask is read)")
+    auto_images: int = Field(200, ge=1, description="thresholds=auto: the maps of this many images (evenly spread) are pooled")
     sweep: dict[str, list[float]] = Field(
         default_factory=lambda: {"fg_threshold": [0.2, 0.25, 0.3, 0.35, 0.4], "low_threshold": [0.05, 0.1, 0.15]},
         description="`wsss crf --sweep`: values to try per key (every combination)")
@@ -356,7 +371,8 @@ class AblationConfig(Section):
     """The ablation flow (`wsss run CONFIG --flow ablation`): expansion and CRF variants on one run's
     classifier and CAMs, tabulated. Scores against ground truth, so the split needs masks."""
 
-    variants: list[str] = Field(default_factory=lambda: ["plain", "erasing", "hide_and_seek", "acol", "mixup", "equivariant"], min_length=1,
+    variants: list[str] = Field(default_factory=lambda: ["plain", "erasing", "hide_and_seek", "acol", "mixup", "equivariant",
+                                                         "multi_dilated", "recam"], min_length=1,
                                 description="expansion variants: a registered method, or methods joined with + "
                                             "(e.g. hide_and_seek+acol); 'plain' = fine-tuning alone, the control")
     combine_best: bool = Field(True, description="also run the combination of the two single methods with the best CAM mIoU")

@@ -8,6 +8,10 @@ maps cover whole objects, not only their most discriminative parts:
 * ``mixup``: mixup of images and labels with uncertainty regularisers (Mixup-CAM, Chang et al. 2020).
 * ``equivariant``: the maps of a rescaled image must match the rescaled maps (SEAM's equivariant
   regularisation, Wang et al. 2020).
+* ``multi_dilated``: extra dilated 3x3 heads, maps fused as rate-1 + mean of the dilated ones (multiple
+  receptive fields, Wei et al. 2018).
+* ``recam``: a head trained with softmax cross-entropy on CAM-weighted features; maps from that head
+  (ReCAM, Chen et al. 2022).
 
 Methods combine: the batch changes and regularisers of every selected method apply in one fine-tune,
 ACoL sets the classifier head, and erasing wraps that fine-tune in rounds.
@@ -33,6 +37,10 @@ class ExpandMethod(TrainHooks):
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
+
+    def head_options(self) -> dict:
+        """Keyword arguments of ``create_classifier`` for this method's head."""
+        return {}
 
 
 EXPAND_METHODS: Registry[type[ExpandMethod]] = Registry("expansion method")
@@ -155,6 +163,30 @@ class ACoL(ExpandMethod):
 
     head = "acol"
 
+    def head_options(self) -> dict:
+        return {"acol_threshold": self.cfg.acol.threshold}
+
+
+@EXPAND_METHODS.register("multi_dilated")
+class MultiDilated(ExpandMethod):
+    """Dilated 3x3 heads beside the 1x1 one (``expand.multi_dilated.rates``), each trained to classify."""
+
+    head = "multi_dilated"
+
+    def head_options(self) -> dict:
+        return {"dilated_rates": list(self.cfg.multi_dilated.rates)}
+
+
+@EXPAND_METHODS.register("recam")
+class ReCAM(ExpandMethod):
+    """ReCAM's re-activation head, trained by softmax cross-entropy on CAM-weighted features
+    (``expand.recam.weight``)."""
+
+    head = "recam"
+
+    def regulariser(self, model: Classifier, x, feats, y):
+        return self.cfg.recam.weight * model.recam_loss(feats, y)
+
 
 @EXPAND_METHODS.register("erasing")
 class AdversarialErasing(ExpandMethod):
@@ -170,8 +202,11 @@ class Combined(TrainHooks):
 
     def __init__(self, methods: list[ExpandMethod]) -> None:
         self.methods = methods
-        heads = {m.head for m in methods} - {"gap"}
-        self.head = heads.pop() if heads else "gap"
+        heads = [m for m in methods if m.head != "gap"]
+        if len(heads) > 1:
+            raise ConfigError(f"expand.methods {', '.join(m.head for m in heads)} each need their own classifier head; pick one")
+        self.head = heads[0].head if heads else "gap"
+        self.head_kwargs = heads[0].head_options() if heads else {}
         self.rounds = max((m.rounds for m in methods), default=0)
 
     def batch(self, x, y, rng):

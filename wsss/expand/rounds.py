@@ -92,7 +92,7 @@ def run_expand(cfg: "Config", train: Dataset, val: Dataset | None, classifier: P
     e = cfg.expand
     methods: Combined = create_expand_methods(e.methods, e)
     tcfg = finetune_config(cfg)
-    head = {"head": methods.head, "acol_threshold": e.acol.threshold} if methods.head == "acol" else None
+    head = {"head": methods.head, **methods.head_kwargs} if methods.head != "gap" else None
     rounds = max(methods.rounds, 1)
     rank, size = world()
     current, init = seed_cams, classifier

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from wsss.config import Config, config_to_dict
+from wsss.crf.auto import auto_thresholds
 from wsss.crf.pool import UNKEYED, crf_jobs, empty_masks_warning, resolve_workers, run_crf, write_stats
 from wsss.crf.sweep import sweep_crf
 from wsss.errors import WsssError
@@ -40,14 +41,21 @@ def run(ctx: StageContext) -> dict:
     ds = ctx.select(full)
     workers = ctx.options.get("workers")
     n_workers = resolve_workers(cfg.crf.workers if workers is None else workers)
-    jobs, n_done = crf_jobs(ds, maps_folder(cfg, ctx.run_dir, source), ctx.out, split=full)
+    maps = maps_folder(cfg, ctx.run_dir, source)
+    crf, chosen = cfg.crf, {}
+    if crf.thresholds == "auto":  # from the maps of the whole split, so every shard picks the same
+        chosen = auto_thresholds([maps / f"{s.id}.npz" for s in full], full.num_classes, crf.auto_images)
+        crf = crf.model_copy(update={k: chosen[k] for k in ("fg_threshold", "low_threshold")})
+        log.info("crf: thresholds chosen from %d images' maps (no mask read): fg_threshold %.3f, low_threshold %.3f",
+                 chosen["images"], chosen["fg_threshold"], chosen["low_threshold"])
+    jobs, n_done = crf_jobs(ds, maps, ctx.out, split=full)
     if ctx.shard is not None:
-        run_crf(jobs, cfg.crf, full.num_classes, n_workers)
+        run_crf(jobs, crf, full.num_classes, n_workers)
         return {"images": len(ds), "computed": len(jobs)}
     if n_done:
         log.info("crf: %d of %d images already done, resuming", n_done, len(ds))
     t0 = time.perf_counter()
-    run_crf(jobs, cfg.crf, ds.num_classes, n_workers)
+    run_crf(jobs, crf, ds.num_classes, n_workers)
     secs = time.perf_counter() - t0
     stats = write_stats(ctx.out, [s.id for s in ds])
     log.info("crf: %d images (%d computed, %d reused) from %s, %s mode, %d workers; foreground %.1f%%, ignored %.1f%% -> %s",
@@ -58,7 +66,7 @@ def run(ctx: StageContext) -> dict:
         log.warning("crf: %s", w)
     return {"images": len(ds), "computed": len(jobs), "reused": n_done, "source": source, "workers": n_workers, "shards": ctx.shards,
             "seconds_per_image": round(secs / len(jobs), 4) if jobs else None, **{k: round(v, 4) for k, v in stats.items()},
-            "warnings": warnings}
+            "warnings": warnings, **({"auto_thresholds": chosen} if chosen else {})}
 
 
 def sweep(cfg: Config, run_dir: Path, workers: int | None = None) -> dict:
