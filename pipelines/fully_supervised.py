@@ -51,7 +51,7 @@ def _run(cfg: Config, force: tuple[str, ...]) -> RunResult:
     write_mask_report(res, ds.classes, pred / EVAL_SUBFOLDER)
     result.done.append(("eval", time.time() - t0, False))
     log.info("fully-supervised reference: segmenter mIoU %.1f on %d %s images", res["mIoU"], len(ds), cfg.predict.split)
-    from wsss.report import write_report
+    from wsss.pipeline.report import write_report
 
     result.report = write_report(run_dir, "seg", cfg.predict.split)
     return result

@@ -32,13 +32,13 @@ def _run(cfg: Config, from_stage: str | None, to_stage: str | None, force: tuple
     result = run_flow(cfg, STAGE_ORDER, from_stage, to_stage, force)
     if not report:
         return result
-    from wsss.report import write_report
+    from wsss.pipeline.report import write_report
 
     run_dir = result.run_dir
     result.report = write_report(run_dir, stage_folder("train-seg", cfg.train_seg.masks == "gt"), cfg.predict.split)
     log.info("report: %s, %s", run_dir / "report.json", run_dir / "report.html")
     if cfg.run.gallery_images and (run_dir / stage_folder("data") / "index.json").is_file():
-        from wsss.gallery import write_gallery
+        from wsss.pipeline.gallery import write_gallery
 
         result.gallery = write_gallery(run_dir, cfg.cam.split, limit=cfg.run.gallery_images)
     return result

@@ -13,7 +13,7 @@ from PIL import Image
 
 from wsss.camfile import save_cam
 from wsss.data.dataset import load_voc
-from wsss.gallery import Card, heatmap, image_miou, mask_overlay, mask_statistics, render_gallery, write_gallery
+from wsss.pipeline.gallery import Card, heatmap, image_miou, mask_overlay, mask_statistics, render_gallery, write_gallery
 from wsss.io import write_palette_png
 
 from tests.conftest import make_voc
@@ -107,7 +107,7 @@ def test_gallery_renders_in_headless_chromium(tmp_path, run_cli):
 
 
 def test_run_writes_report(tmp_path, run_cli):
-    from wsss.report import render_html, write_report
+    from wsss.pipeline.report import render_html, write_report
 
     run = _tiny_run(tmp_path, run_cli)
     (run / "eval").mkdir()
@@ -126,7 +126,7 @@ def test_report_leaves_out_a_disabled_stage(tmp_path, run_cli):
 
     import yaml
 
-    from wsss.report import write_report
+    from wsss.pipeline.report import write_report
 
     run = _tiny_run(tmp_path, run_cli)
     shutil.copytree(run / "cam", run / "expand")

@@ -223,7 +223,7 @@ def test_csv_split_column_and_val_fraction(nested_csv, tmp_path, run_cli, caplog
 
 
 def test_report_says_when_val_is_train(tmp_path):
-    from wsss.report import collect, summary_lines
+    from wsss.pipeline.report import collect, summary_lines
 
     run = tmp_path / "r"
     (run / "data").mkdir(parents=True)
@@ -235,7 +235,7 @@ def test_report_says_when_val_is_train(tmp_path):
 
 def test_gallery_links_survive_any_file_name(tmp_path):
     from wsss.data.dataset import load_csv
-    from wsss.gallery import build_gallery, render_gallery
+    from wsss.pipeline.gallery import build_gallery, render_gallery
 
     root = tmp_path / "d"
     names = ["a#1", "b?x=2", "c%20d", "e f", "ünï"]

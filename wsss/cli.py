@@ -227,7 +227,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     else:
         res = run(cfg, args.from_stage, args.to_stage, tuple(args.force))
-    from wsss.report import summary_lines
+    from wsss.pipeline.report import summary_lines
 
     print("\n".join(summary_lines(res.report, res.done)))
     if res.disabled:
@@ -325,7 +325,7 @@ def _cmd_eval_masks(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from wsss.gallery import default_split, mask_statistics, open_in_browser, write_gallery
+    from wsss.pipeline.gallery import default_split, mask_statistics, open_in_browser, write_gallery
 
     if args.stats:
         from wsss.pipeline.runner import open_split
