@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 
 from tests.conftest import make_voc
-from wsss.io import write_palette_png
 
 TINY = ["data.synth.n_train=16", "data.synth.n_val=6", "data.synth.size=64", "train_cls.epochs=1", "train_cls.crop_size=64",
         "cam.scales=[1.0]", "train_seg.epochs=1", "train_seg.crop_size=64", "run.gallery_images=0", "crf.workers=1"]
