@@ -337,3 +337,38 @@ def test_unreadable_photo_is_skipped_and_reported(tiny_run, tmp_path, run_cli):
     assert code == 1 and "1 unreadable image(s) skipped" in _error(err) and "broken.jpg" in err
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == sorted(
         [f"{p.stem}.png" for p in src[:3]] + ["trip/deep.png"])
+
+
+def _running(pid: str) -> bool:
+    """Whether process ``pid`` still runs (a zombie waiting to be reaped has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_sigterm_during_the_crf_worker_pool_leaves_no_worker_and_no_leak(tmp_path, run_cli):
+    over = ["data.synth.n_train=240", "data.synth.n_val=4", "data.synth.size=160", "train_cls.epochs=1", "train_cls.crop_size=64",
+            "cam.scales=[1.0]", "crf.iterations=30", "run.gallery_images=0"]
+    run = tmp_path / "run"
+    code, _, err = run_cli("run", "configs/demo.yaml", f"run.out_dir={run}", *over, "--to", "cam")
+    assert code == 0, err
+    cmd = [sys.executable, "-m", "wsss", "crf", "configs/demo.yaml", f"run.out_dir={run}", *over, "--workers", "2"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(list((run / "crf").glob("*.png"))) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(children) >= 2, "the worker pool is running"  # 2 workers (and the resource tracker)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "wsss: terminated", err
+    assert "Traceback" not in err and "leaked" not in err, err
+    deadline = time.time() + 10
+    while any(map(_running, children)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in children if _running(pid)], "a worker outlived the command"
+    assert not list(run.rglob(".*.tmp*"))
+    code, _, err = run_cli("crf", "configs/demo.yaml", f"run.out_dir={run}", *over, "--workers", "2")
+    assert code == 0 and _outputs(run, "crf")["images"] == 240, err
