@@ -79,10 +79,10 @@ class StageContext:
     def split(self, name: str) -> Dataset:
         return open_split(self.run_dir, name)
 
-    def manifest_key(self, name: str, hint: str, folder: Path | None = None) -> str:
-        """The key of finished stage ``name`` (its manifest in ``folder``, default its own folder);
-        ``hint`` is the error when it has not finished."""
-        man = read_manifest(folder or self.folder(name))
+    def manifest_key(self, name: str, hint: str) -> str:
+        """The key of finished stage ``name`` (from its folder's manifest); ``hint`` is the error when it
+        has not finished."""
+        man = read_manifest(self.folder(name))
         if man is None:
             raise WsssError(hint, self.run_dir)
         return man["key"]
