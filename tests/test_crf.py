@@ -330,3 +330,17 @@ def test_auto_thresholds_never_open_a_mask_file(tmp_path):
     assert len(list((run_dir / "crf").glob("*.png"))) == len(ds)
     again = run_stage("crf", auto, tmp_path / "run", workers=1)
     assert again.skipped  # the same maps give the same thresholds, and so the same key
+
+
+def test_masks_are_also_scored_with_ignored_pixels_as_background(tmp_path):
+    root = make_voc(tmp_path / "v", {"a": ("cat", (40, 40))})
+    from wsss.data.dataset import load_voc
+
+    ds = load_voc(root, "train")
+    gt = ds.read_mask(0)
+    pred = gt.copy()
+    pred[gt > 0] = 255  # the object left unlabelled
+    write_palette_png(tmp_path / "m" / "a.png", pred)
+    res = evaluate_masks(tmp_path / "m", ds)
+    assert res["mIoU"] == 100.0 and res["kept_share"] < 100  # perfect on the pixels it keeps
+    assert res["mIoU_ignored_as_bg"] < 60  # but the object is lost when ignored pixels count as background

@@ -319,7 +319,7 @@ def _cmd_eval_masks(args: argparse.Namespace) -> int:
     write_mask_report(res, ds.classes, out)
     for name, v in res["per_class_iou"].items():
         print(f"  {name:<14} {'-' if v is None else f'{v:5.1f}'}")
-    kept = "" if seg else f" on kept pixels, {res['kept_share']:.1f}% kept,"
+    kept = "" if seg else f" on kept pixels, {res['kept_share']:.1f}% kept ({res['mIoU_ignored_as_bg']:.1f} with ignored pixels as background),"
     print(f"eval {args.eval_command}: mIoU {res['mIoU']:.1f}{kept} {res['images']} {split} images -> {out}")
     return 0
 

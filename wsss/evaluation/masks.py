@@ -19,8 +19,9 @@ from wsss.log import progress
 def evaluate_masks(mask_dir: str | Path, ds: Dataset, ids: Sequence[str] | None = None) -> dict:
     """Score pseudo-masks ``<id>.png`` against ground truth on the pixels both keep (neither is 255).
 
-    Returns mIoU (%), kept share (% of ground-truth-valid pixels the masks label), per-class IoU and
-    the confusion matrix (rows = ground truth)."""
+    Returns mIoU (%), kept share (% of ground-truth-valid pixels the masks label), mIoU with every
+    ignored (255) pixel counted as background (every pixel scored, as IRN/AMN tables report), per-class
+    IoU and the confusion matrix (rows = ground truth)."""
     mask_dir = Path(mask_dir)
     if not ds.has_masks:
         raise DataError(f"split '{ds.split}' has no ground-truth masks to evaluate against", ds.root)
@@ -31,6 +32,7 @@ def evaluate_masks(mask_dir: str | Path, ds: Dataset, ids: Sequence[str] | None 
         raise DataError(f"{len(missing)} of {len(ids)} images have no mask (first: {missing[0]}.png)", mask_dir)
     k = len(ds.classes)
     cm = np.zeros((k, k), np.int64)
+    cm_bg = np.zeros((k, k), np.int64)  # ignored pixels as background
     valid = kept = 0
     for sid in progress(ids, desc="eval masks", unit="img"):
         gt = ds.read_mask(index[sid])
@@ -41,11 +43,13 @@ def evaluate_masks(mask_dir: str | Path, ds: Dataset, ids: Sequence[str] | None 
         valid += int(g.sum())
         kept += int((g & (pred != IGNORE)).sum())
         cm += confusion(gt, pred, k)
+        cm_bg += confusion(gt, np.where(pred == IGNORE, 0, pred).astype(np.uint8), k)
     iou = iou_from_confusion(cm)
     return {
         "images": len(ids),
         "mIoU": round(100 * float(np.nanmean(iou)), 2),
         "kept_share": round(100 * kept / max(valid, 1), 2),
+        "mIoU_ignored_as_bg": round(100 * float(np.nanmean(iou_from_confusion(cm_bg))), 2),
         "per_class_iou": {c: (None if v != v else round(100 * float(v), 2)) for c, v in zip(ds.classes, iou)},
         "confusion": cm.tolist(),
     }

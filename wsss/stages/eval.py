@@ -59,13 +59,14 @@ def run(ctx: StageContext) -> dict:
         res = evaluate_masks(masks_folder(cfg, run_dir, name), ds)
         write_mask_report(res, ds.classes, ctx.folder(name) / EVAL_SUBFOLDER)
         results[name] = {k: v for k, v in res.items() if k != "confusion"}
-        log.info("eval %s: mIoU %.1f on kept pixels, %.1f%% kept, on %d %s images", name, res["mIoU"], res["kept_share"], len(ds), split)
+        log.info("eval %s: mIoU %.1f on kept pixels, %.1f%% kept (%.1f with ignored pixels as background), on %d %s images", name,
+                 res["mIoU"], res["kept_share"], res["mIoU_ignored_as_bg"], len(ds), split)
     if pred is not None:
         pds = ctx.split(cfg.predict.split)
         if pds.has_masks:
             res = evaluate_masks(pred_dir, pds)
             write_mask_report(res, pds.classes, pred_dir / EVAL_SUBFOLDER)
-            results["seg"] = {k: v for k, v in res.items() if k not in ("confusion", "kept_share")} | {"split": cfg.predict.split}
+            results["seg"] = {k: v for k, v in res.items() if k not in ("confusion", "kept_share", "mIoU_ignored_as_bg")} | {"split": cfg.predict.split}
             log.info("eval seg: mIoU %.1f on %d %s images", res["mIoU"], len(pds), cfg.predict.split)
         else:
             log.warning("eval: split '%s' has no ground-truth masks; segmenter predictions not scored", cfg.predict.split)
