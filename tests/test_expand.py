@@ -319,3 +319,16 @@ def test_extract_subset_keeps_earlier_erasing_rounds_whole(tiny_setup, tmp_path)
     from wsss.models.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "out" / "round_1" / "cls" / "checkpoint.pt")["iteration"] == 3  # 24 images / 8
+
+
+def test_recam_maps_ignore_what_softmax_ignores():
+    """A vector added to every class's weights leaves the softmax loss unchanged, so it must leave the maps unchanged."""
+    from wsss.models.classifier import ReCAMClassifier
+
+    torch.manual_seed(0)
+    model = ReCAMClassifier(create_backbone("tiny", output_stride=8), 4).eval()
+    feats = torch.rand(1, model.backbone.out_channels, 6, 7)
+    before = model.class_maps(feats)
+    with torch.no_grad():
+        model.classifier_r.weight += torch.randn(1, model.backbone.out_channels, 1, 1)
+    assert torch.allclose(model.class_maps(feats), before, atol=1e-5)
