@@ -230,6 +230,11 @@ def test_report_says_when_val_is_train(tmp_path):
     rep = collect(run)
     assert rep["warnings"] == ["data: the val split is the training split (4 images)"]
     assert any("WARNING data: the val split is the training split" in ln for ln in summary_lines(rep))
+    from wsss.pipeline.report import render_html
+
+    page = render_html(rep)
+    assert "Warning: data: the val split is the training split" in page
+    assert "the eval stage has not run" in page and "no ground truth" not in page  # not run is not "no ground truth"
 
 
 def test_gallery_links_survive_any_file_name(tmp_path):

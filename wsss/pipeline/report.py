@@ -176,6 +176,8 @@ def render_html(report: dict[str, Any]) -> str:
     if "ratio" in report["metrics"]:
         mrows += f"<tr><td>weakly / fully</td><td>ratio {report['metrics']['ratio']:.3f}</td></tr>"
     warn = "".join(f"<p class=warn>Warning: {e(w)}</p>" for w in report.get("warnings", []))
+    ran_eval = any(st["stage"] == "eval" for st in report["stages"])
+    unscored = "nothing scored (no ground truth)" if ran_eval else "nothing scored yet: the eval stage has not run"
     plots = _plots(report)
     titles = {"curves": "Training curves", "sweep": "Background-threshold sweep", "per_class": "Per-class IoU"}
     figs = "".join(f"<h2>{titles[k]}</h2><img alt='{titles[k]}' src='data:image/png;base64,{v}'>" for k, v in plots.items())
@@ -183,7 +185,7 @@ def render_html(report: dict[str, Any]) -> str:
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}td.n{{text-align:right}}img{{max-width:100%}}.warn{{background:#fff3cd;border:1px solid #e0a800;padding:.5em}}</style></head>
 <body><h1>wsss run <code>{e(report['run'])}</code></h1>
-{warn}<h2>Results</h2><table><tr><th>output</th><th>score</th></tr>{mrows or '<tr><td colspan=2>nothing scored (no ground truth)</td></tr>'}</table>
+{warn}<h2>Results</h2><table><tr><th>output</th><th>score</th></tr>{mrows or f'<tr><td colspan=2>{unscored}</td></tr>'}</table>
 <h2>Stages</h2><table><tr><th>stage</th><th>folder</th><th>seconds</th><th>finished</th></tr>{rows}</table>
 {figs}</body></html>"""
 
