@@ -236,7 +236,8 @@ class MultiDilatedConfig(Section):
 
 
 class ReCAMConfig(Section):
-    weight: float = Field(1.0, ge=0, description="weight of the softmax cross-entropy on CAM-weighted features")
+    weight: float = Field(0.1, ge=0, description="weight of the softmax cross-entropy on CAM-weighted features (voc6 train, "
+                          "3 fine-tune epochs: 0.1 gave +3.5 CAM mIoU over the plain control; 1.0 diverged)")
 
 
 class MixupConfig(Section):
