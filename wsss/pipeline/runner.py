@@ -72,6 +72,7 @@ class StageContext:
     key: str = ""
     shards: int = 0  # finished shards merged (see select)
     selected: list[str] = field(default_factory=list)
+    found: dict[str, Any] = field(default_factory=dict)  # what an adapter's inputs() loaded, for its run()
 
     def folder(self, name: str) -> Path:
         return folder_of(self.cfg, self.run_dir, name)

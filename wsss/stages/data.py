@@ -45,7 +45,8 @@ def _datasets(ctx: StageContext) -> tuple[Path, list[Dataset], bool]:
 def inputs(ctx: StageContext) -> dict[str, str]:
     if ctx.cfg.data.source == "synth":
         generate(ctx.cfg.data.synth, dataset_root(ctx.cfg.data, ctx.run_dir), force=ctx.force)
-    return {"dataset": dataset_fingerprint(_datasets(ctx)[1])}
+    ctx.found["datasets"] = _datasets(ctx)  # run() checks these: the dataset is read once
+    return {"dataset": dataset_fingerprint(ctx.found["datasets"][1])}
 
 
 def section(cfg: Config) -> dict:
@@ -53,7 +54,7 @@ def section(cfg: Config) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
-    root, datasets, carved = _datasets(ctx)
+    root, datasets, carved = ctx.found["datasets"]
     reports = {}
     for ds in datasets:
         rep = check_dataset(ds)

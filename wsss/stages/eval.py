@@ -29,7 +29,7 @@ def _scored(ctx: StageContext) -> tuple[list[str], list[str], dict | None]:
 
 
 def inputs(ctx: StageContext) -> dict[str, str]:
-    maps, masks, pred = _scored(ctx)
+    maps, masks, pred = ctx.found["scored"] = _scored(ctx)
     keys = {name: read_manifest(ctx.folder(name))["key"] for name in (*maps, *masks)}
     return keys | ({"predict": pred["key"]} if pred is not None else {})
 
@@ -40,7 +40,7 @@ def section(cfg: Config) -> dict:
 
 def run(ctx: StageContext) -> dict:
     cfg, run_dir = ctx.cfg, ctx.run_dir
-    maps, masks, pred = _scored(ctx)
+    maps, masks, pred = ctx.found["scored"]
     pred_dir = ctx.folder("predict")
     for folder in (pred_dir / EVAL_SUBFOLDER, *(ctx.folder(name) / EVAL_SUBFOLDER for name in (*maps, *masks))):
         remove_temp_files(folder)  # left by a killed eval
