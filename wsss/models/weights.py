@@ -10,11 +10,16 @@ from wsss.errors import WsssError, brief
 
 
 def load_state_dict_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """Load a state dict from ``path`` (a bare state dict or a checkpoint with a ``model`` key)."""
+    """Load a state dict from ``path``: a ``.safetensors`` file, or a torch file holding a bare state dict or a
+    checkpoint with a ``model`` / ``state_dict`` key."""
     path = Path(path)
     if not path.is_file():
         raise WsssError(f"weights file for {what} not found", path)
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with code objects, not a torch file
         raise WsssError(f"cannot load weights for {what} ({type(e).__name__}: {brief(e, 120)})", path) from None
