@@ -262,10 +262,12 @@ def test_gallery_links_survive_any_file_name(tmp_path):
 
 @pytest.mark.parametrize("override,key", [("train_seg.arch=nope", "train_seg.arch"), ("expand.methods=[nope]", "expand.methods"),
                                           ("cam.method=nope", "cam.method"), ("train_cls.backbone=nope", "train_cls.backbone"),
-                                          ("data.source=voc", "data.root"), ("crf.source=expand", "crf.source")])
+                                          ("data.source=voc", "data.root"), ("crf.source=expand", "crf.source"),
+                                          ("train_cls.backbone=timm:resnet5", "train_cls.backbone"),
+                                          ("train_seg.arch=unet train_seg.rates=[2,4]", "train_seg.rates")])
 def test_bad_names_fail_before_any_stage_runs(tmp_path, run_cli, override, key):
     run = tmp_path / "run"
-    extra = [override, f"data.root={tmp_path / 'nowhere'}"] if override == "data.source=voc" else [override]
+    extra = [override, f"data.root={tmp_path / 'nowhere'}"] if override == "data.source=voc" else override.split()
     code, _, err = run_cli("run", "configs/demo.yaml", f"run.out_dir={run}", *TINY, *extra)
     assert code == 2 and f"config key '{key}'" in _error(err)
     assert not run.exists(), "something ran before the config was checked"

@@ -91,6 +91,64 @@ def test_deeplabv3plus_decodes_at_the_low_level_stride():
     assert logits.shape[-2:] == feats[0].shape[-2:] == (16, 12) and torch.equal(x, x0)  # stride 4, not the backbone's 8
 
 
+class TestFCN(SegmenterTester):
+    name, options = "fcn", {"backbone": "tiny"}
+
+
+class TestFCNSkip(SegmenterTester):
+    name, options = "fcn_skip", {"backbone": "tiny", "output_stride": 16}
+
+
+class TestFCNSkipTimmResNet(SegmenterTester):
+    name, options = "fcn_skip", {"backbone": "timm:resnet18", "output_stride": 32}
+
+
+class TestUNet(SegmenterTester):
+    name, options = "unet", {"backbone": "tiny"}
+
+
+class TestUNetLite0(SegmenterTester):
+    name, options = "unet", {"backbone": "efficientnet_lite0", "decoder_channels": [32, 16, 16]}
+
+
+class TestUNetTimmViT(SegmenterTester):
+    name, options = "unet", {"backbone": "timm:vit_tiny_patch16_224", "decoder_channels": [32, 16, 16]}
+
+
+class TestHRNet(SegmenterTester):
+    name, options = "hrnet", {"backbone": "tiny", "channels": 32}
+
+
+class TestHRNetTimm(SegmenterTester):
+    name, options = "hrnet", {"backbone": "timm:hrnet_w18_small_v2", "channels": 32}
+
+
+def test_fcn_skip_fuses_one_score_per_stride_and_upsamples_by_learning():
+    model = create_segmenter("fcn_skip", K, backbone="resnet18", output_stride=32).eval()
+    assert model.picks == [1, 2, 3]  # strides 8, 16, 32 (FCN-8s)
+    assert [u.factor for u in model.fuse_up] == [2, 2] and model.final_up.factor == 8
+    plain = create_segmenter("fcn", K, backbone="resnet18", output_stride=32)
+    assert plain.picks == [3] and plain.final_up.factor == 32  # FCN-32s
+    # the learned upsampling starts as bilinear interpolation: a constant map stays constant inside
+    y = model.final_up(torch.ones(1, K, 4, 4), (32, 32))
+    assert y.shape == (1, K, 32, 32) and torch.allclose(y[..., 8:24, 8:24], torch.ones(1, K, 16, 16))
+
+
+def test_unet_decodes_to_the_input_resolution():
+    model = create_segmenter("unet", K, backbone="tiny").eval()
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        logits = model.forward_head(model.forward_features(x))
+    assert logits.shape[-2:] == (64, 48)
+
+
+def test_unet_takes_one_decoder_width_per_level():
+    from wsss.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs 3 values"):
+        create_segmenter("unet", K, backbone="tiny", decoder_channels=[8, 8])
+
+
 class TestDeepLabV2(SegmenterTester):
     name, options = "deeplabv2", {"backbone": "tiny"}
 
@@ -123,7 +181,7 @@ def test_every_registered_segmenter_has_a_tester():
 def test_unknown_segmenter_lists_valid_names():
     from wsss.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="valid: deeplabv2, deeplabv2_largefov, deeplabv3"):
+    with pytest.raises(ConfigError, match="valid: deeplabv2, deeplabv2_largefov, deeplabv3, deeplabv3plus, fcn, fcn_skip, hrnet"):
         create_segmenter("deeplabv4", 3)
     with pytest.raises(ConfigError, match="no option"):
         create_segmenter("tv_deeplabv3_resnet50", 3, channels=12)

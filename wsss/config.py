@@ -135,17 +135,20 @@ class TrainClsConfig(TrainCommon):
 
 
 class TrainSegConfig(TrainCommon):
-    """Stage 5: a DeepLab segmenter trained on the pseudo-masks (or, as the fully-supervised reference,
-    on the ground-truth masks). ``backbone``/``output_stride`` apply to the deeplabv2/v3 segmenters; the
-    torchvision ones fix their own."""
+    """Stage 5: a segmenter (DeepLab v2/v3/v3+, FCN, U-Net, HRNet head) trained on the pseudo-masks (or, as the
+    fully-supervised reference, on the ground-truth masks). ``backbone``/``output_stride`` apply to every
+    segmenter but the torchvision ones (``tv_*``), which fix their own."""
 
-    arch: str = Field("deeplabv3", description="registered segmenter (see `wsss.models.segmenter.SEGMENTERS`)")
+    arch: str = Field("deeplabv3", description="registered segmenter: deeplabv3, deeplabv3plus, deeplabv2, deeplabv2_largefov, "
+                      "fcn, fcn_skip, unet, hrnet, tv_* (see `wsss.models.segmenter.SEGMENTERS`)")
     masks: Literal["pseudo", "gt"] = Field("pseudo", description="pseudo: the crf stage's masks (or mask_dir); "
                                            "gt: the ground truth (the fully-supervised upper bound)")
     mask_dir: Path | None = Field(None, description="pseudo-mask folder to train on (default RUN/crf)")
     channels: int | None = Field(None, ge=8, description="ASPP/head channels (default: 256 for v3, 1024 for v2 LargeFOV)")
     rates: list[int] | None = Field(None, description="atrous rates (default: the paper's, rescaled to output_stride)")
     head_dropout: float | None = Field(None, ge=0, lt=1, description="dropout in the head (default: the paper's)")
+    decoder_channels: list[int] | None = Field(None, description="unet: decoder widths, deepest first, one per backbone "
+                                               "level (default 256, 128, 64, ... down to 16)")
     batch_size: int = Field(8, ge=1)
     lr: float = Field(0.002, gt=0, description="backbone learning rate (poly decay, power 0.9); 0.01 with the head at "
                       "10x did not learn on voc6")
@@ -172,6 +175,8 @@ class TrainSegConfig(TrainCommon):
             out["rates"] = list(self.rates)
         if self.head_dropout is not None:
             out["dropout"] = self.head_dropout
+        if self.decoder_channels is not None:
+            out["decoder_channels"] = list(self.decoder_channels)
         return out
 
 

@@ -30,6 +30,11 @@ def config_problems(cfg: Config) -> list[str]:
     if not cfg.train_seg.arch.startswith("tv_"):  # torchvision's segmenters bring their own backbone
         checks.append((BACKBONES, "train_seg.backbone", cfg.train_seg.backbone))
     problems = [p for registry, key, name in checks if (p := _registry_problem(registry, key, name)) is not None]
+    if cfg.train_seg.arch in SEGMENTERS:  # head options the segmenter does not take (e.g. rates for unet)
+        takes = getattr(SEGMENTERS.get(cfg.train_seg.arch), "options", None)
+        keys = {"channels": "channels", "rates": "rates", "dropout": "head_dropout", "decoder_channels": "decoder_channels"}
+        for opt in sorted(set(cfg.train_seg.head_options()) - (takes if takes is not None else set(keys))):
+            problems.append(f"config key 'train_seg.{keys[opt]}': segmenter '{cfg.train_seg.arch}' has no such option")
     paths = [("data.root", cfg.data.root if cfg.data.source != "synth" else None), ("train_seg.mask_dir", cfg.train_seg.mask_dir),
              *((f"{s}.pretrained", getattr(cfg, s).pretrained) for s in ("train_cls", "train_seg"))]
     for key, value in paths:
