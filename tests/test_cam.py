@@ -123,6 +123,33 @@ def test_gradcam_equals_cam_on_gap_linear_head(model):
     assert torch.allclose(g * 16, c, atol=1e-5)
 
 
+def test_tokens_to_grid_drops_prefix_tokens_row_by_row():
+    from wsss.cam.methods import tokens_to_grid
+
+    t = torch.arange(2 * 7 * 3, dtype=torch.float32).reshape(2, 7, 3)  # 1 class token + a 2x3 grid, 3 channels
+    t0 = t.clone()
+    g = tokens_to_grid(t, 2, 3)
+    assert g.shape == (2, 3, 2, 3) and torch.equal(t, t0)
+    assert torch.equal(g[1, :, 1, 2], t[1, 6]) and torch.equal(g[0, :, 0, 0], t[0, 1])
+    with pytest.raises(ValueError, match="cannot fill"):
+        tokens_to_grid(t, 3, 3)
+
+
+def test_gradient_cams_on_a_vit_block_use_the_patch_grid():
+    """A transformer block's tokens are laid out on the patch grid (pytorch-grad-cam's ViT convention):
+    the maps of a block equal those of the classifier features when the block is the last one."""
+    from wsss.models import Classifier, create_backbone
+
+    torch.manual_seed(0)
+    vit = Classifier(create_backbone("timm:vit_tiny_patch16_224"), 3).eval()
+    x = torch.randn(2, 3, 40, 56)  # not whole patches: padded, grid ceil(40/16) x ceil(56/16)
+    last = f"backbone.net.model.blocks.{len(vit.backbone.net.model.blocks) - 1}"
+    feats = create_cam_method("gradcam", vit)(x, torch.tensor([0, 2]))
+    block = create_cam_method("gradcam", vit, target_layer=last)(x, torch.tensor([0, 2]))
+    assert block.shape == feats.shape == (2, 2, 3, 4)
+    assert block.abs().sum() > 0 and torch.allclose(block, feats, atol=1e-6 * float(feats.abs().max()))
+
+
 def test_factory_errors(model):
     with pytest.raises(ConfigError, match=r"unknown CAM method 'scorecam' \(valid: cam, gradcam"):
         create_cam_method("scorecam", model)

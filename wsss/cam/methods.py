@@ -80,6 +80,16 @@ def capture_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
+def tokens_to_grid(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """A transformer block's tokens ``(B, N, C)`` -> ``(B, C, h, w)``: the leading ``N - h w`` tokens (class /
+    register tokens) dropped, the patch tokens laid out row by row on the grid (pytorch-grad-cam's
+    ``reshape_transform`` convention for ViTs)."""
+    b, n, c = t.shape
+    if n < h * w:
+        raise ValueError(f"{n} tokens cannot fill a {h}x{w} patch grid")
+    return t[:, n - h * w:].reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
 class GradientCAM(CAMMethod):
     """Gradient-weighted methods; subclasses name the pytorch-grad-cam class whose maths they use."""
 
@@ -111,6 +121,9 @@ class GradientCAM(CAMMethod):
                 with capture_output(self.layer) as store:
                     logits = self.model(x.requires_grad_(False))
                 act = store[0]
+                if act.ndim == 3:  # a transformer block: tokens, laid out on the patch grid below
+                    s = self.model.backbone.output_stride
+                    grid = (-(-x.shape[-2] // s), -(-x.shape[-1] // s))
             k, b = len(classes), x.shape[0]
             onehot = torch.zeros(k, b, logits.shape[1], device=x.device, dtype=logits.dtype)
             onehot[torch.arange(k), :, classes] = 1.0
@@ -118,6 +131,9 @@ class GradientCAM(CAMMethod):
                 (grads,) = torch.autograd.grad(logits, act, grad_outputs=onehot, is_grads_batched=True)
             except RuntimeError:  # an op without a batching rule: fall back to one backward per class
                 grads = torch.stack([torch.autograd.grad(logits, act, grad_outputs=g, retain_graph=True)[0] for g in onehot])
+        if act.ndim == 3:
+            act = tokens_to_grid(act, *grid)
+            grads = torch.stack([tokens_to_grid(g, *grid) for g in grads])
         return act.detach(), grads.detach()
 
     def maps(self, x, classes):
