@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.standard import run as run_standard
+from wsss.pipelines.standard import run as run_standard
 from wsss.config import Config, config_hash, config_to_dict, save_config
 from wsss.data.dataset import Dataset
 from wsss.errors import ConfigError, DataError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.ablation import combined_variant, render_table, variant_methods
+from wsss.pipelines.ablation import combined_variant, render_table, variant_methods
 from wsss.config import load_config
 from wsss.errors import ConfigError, WsssError
 
@@ -19,7 +19,7 @@ def test_variant_names_are_checked_against_the_registry():
     with pytest.raises(ConfigError, match="empty method name"):
         variant_methods("acol+")
     cfg = load_config(None, ["ablation.variants=[plain, hide_and_sek]"])
-    from pipelines import ablation
+    from wsss.pipelines import ablation
 
     with pytest.raises(WsssError, match="hide_and_sek.*hide_and_seek"):
         ablation.run(cfg)  # fails before any stage runs

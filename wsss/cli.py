@@ -194,30 +194,27 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.standard import STAGE_ORDER, run
+    from wsss.api import run
     from wsss.config import load_config
     from wsss.errors import ConfigError
     from wsss.pipeline.runner import stage_slice
+    from wsss.pipeline.table import STAGE_NAMES
 
-    stages = ("ablation",) if args.flow == "ablation" else STAGE_ORDER
+    stages = ("ablation",) if args.flow == "ablation" else STAGE_NAMES
     for s in [args.from_stage, args.to_stage, *args.force]:
         if s is not None and s not in stages:
             raise ConfigError(f"unknown stage '{s}' for the {args.flow} flow (stages: {', '.join(stages)})")
     if args.flow != "standard" and (args.from_stage or args.to_stage):
         raise ConfigError("--from/--to apply to the standard flow only")
-    stage_slice(STAGE_ORDER, args.from_stage, args.to_stage)  # an empty or reversed slice is a usage error
+    chosen = stage_slice(STAGE_NAMES, args.from_stage, args.to_stage)  # an empty or reversed slice is a usage error
     cfg = load_config(args.config, args.overrides)
     if args.flow == "ablation":
-        from pipelines import ablation
-
-        res = ablation.run(cfg, force=bool(args.force))
+        res = run(cfg, flow="ablation", force=("ablation",) if args.force else ())
         print(res.table, end="")
         print(f"best CAM mIoU: {res.best}; table: {res.run_dir / 'ablation' / 'table.md'}")
         return 0
     if args.flow == "fully-supervised":
-        from pipelines import fully_supervised
-
-        res = fully_supervised.run(cfg, tuple(args.force))
+        res = run(cfg, flow="fully-supervised", force=tuple(args.force))
         for name, secs, skipped in res.done:
             print(f"  {name:<10} {'up to date' if skipped else 'done':<11} {secs:8.1f}")
         m = res.report["metrics"]
@@ -225,8 +222,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
               + (f"; weakly-supervised {m['seg']['mIoU']:.1f}, ratio {m['ratio']:.3f}" if "ratio" in m else ""))
         print(f"run directory: {res.run_dir}")
         return 0
-    else:
-        res = run(cfg, args.from_stage, args.to_stage, tuple(args.force))
+    res = run(cfg, chosen if (args.from_stage or args.to_stage) else None, force=tuple(args.force))
     from wsss.pipeline.report import summary_lines
 
     print("\n".join(summary_lines(res.report, res.done)))
