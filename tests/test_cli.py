@@ -6,7 +6,7 @@ import pytest
 
 from wsss.cli import build_parser, split_overrides
 
-ALL_COMMANDS = ["data", "train-cls", "cam", "expand", "crf", "train-seg", "predict", "eval", "inspect", "run"]
+ALL_COMMANDS = ["data", "train-cls", "cam", "expand", "crf", "train-seg", "predict", "eval", "inspect", "export", "run"]
 
 
 def test_help_lists_every_stage(run_cli):

@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(pr)
     pr.set_defaults(func=_cmd_predict)
 
+    ex = sub.add_parser("export", help="export a trained segmenter or classifier to ONNX or TorchScript (deploy without wsss)")
+    ex.add_argument("source", type=Path, help="run directory (run.out_dir) or a segmenter.pt / classifier.pt file")
+    ex.add_argument("--what", choices=["seg", "cls"], default="seg", help="the segmenter (RUN/seg) or the classifier (RUN/cls)")
+    ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="onnx: dynamic batch and image size")
+    ex.add_argument("--out", type=Path, required=True, help="file to write (e.g. model.onnx)")
+    ex.set_defaults(func=_cmd_export)
+
     ins = sub.add_parser("inspect", help="write an HTML gallery of a run's maps and masks (or --stats)")
     ins.add_argument("run_dir", type=Path, help="run directory (run.out_dir)")
     ins.add_argument("--split", help="split to show (default: the CAMs' split; val shows predictions)")
@@ -232,6 +239,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if res.gallery is not None:
         print(f"gallery: {res.gallery}")
     print(f"run directory: {res.run_dir}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from wsss.export import export_model
+
+    res = export_model(args.source, args.out, args.what, args.format)
+    print(f"exported the {'segmenter' if res['kind'] == 'seg' else 'classifier'} {res['model']} -> {res['file']} "
+          f"({res['format']}; input 'image' float32 (B, 3, H, W) RGB in [0, 1]; outputs {', '.join(res['outputs'])}; "
+          f"classes {', '.join(res['classes'])})")
     return 0
 
 
