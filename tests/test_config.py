@@ -35,7 +35,7 @@ def test_unknown_section_rejected(tmp_path):
 @pytest.mark.parametrize("override,needle", [
     ("data.synth.n_train=abc", "valid integer"),
     ("data.synth.n_train=0", "greater than or equal to 1"),
-    ("data.source=ftp", "'synth', 'voc' or 'csv'"),
+    ("data.source=ftp", "'synth', 'voc', 'coco' or 'csv'"),
     ("data.synth.part_frac=2", "less than 0.6"),
     ("train_cls.scale_range=[2, 1]", "low <= high"),
     ("data.synth.n_train.x=1", "'data.synth.n_train': Input should be a valid integer"),

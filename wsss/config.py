@@ -74,8 +74,9 @@ def _check_class_names(names: Sequence[str]) -> None:
 class DataConfig(Section):
     """Where the images and image-level labels come from."""
 
-    source: Literal["synth", "voc", "csv"] = "synth"
-    root: Path | None = Field(None, description="VOC folder or CSV file; for synth, where to write (default RUN/data)")
+    source: Literal["synth", "voc", "coco", "csv"] = "synth"
+    root: Path | None = Field(None, description="VOC folder, COCO folder (annotations/instances_<split>.json + <split>/) or "
+                              "CSV file; for synth, where to write (default RUN/data)")
     train_split: str = "train"
     val_split: str = "val"
     val_fraction: float = Field(0.0, ge=0, lt=1, description="carve this share of the training images out as the val split "

@@ -99,7 +99,7 @@ def check_dataset(ds: Dataset, decode: bool = True) -> CheckReport:
         if s.mask is None:
             continue
         try:
-            m = read_mask(s.mask)
+            m = ds.mask_reader(s) if ds.mask_reader is not None else read_mask(s.mask)
         except DataError as e:
             rep.problems.append(Problem(e.path or str(s.mask), str(e).split(": ", 1)[-1]))
             continue
@@ -126,10 +126,15 @@ def check_dataset(ds: Dataset, decode: bool = True) -> CheckReport:
 
 
 def dataset_splits(root: str | Path) -> list[str]:
-    """The splits of a dataset: a VOC folder's split files; for a CSV manifest one entry, ``""`` (all rows)."""
+    """The splits of a dataset: a VOC folder's split files, a COCO folder's ``annotations/instances_<split>.json``;
+    for a CSV manifest one entry, ``""`` (all rows)."""
     root = Path(root)
     if root.suffix.lower() == ".csv":
         return [""]
+    from wsss.data.coco import coco_splits, is_coco
+
+    if is_coco(root):
+        return coco_splits(root)
     split_dir = root / "ImageSets" / "Segmentation"
     splits = sorted(p.stem for p in split_dir.glob("*.txt")) if split_dir.is_dir() else []
     if not splits:

@@ -1,6 +1,6 @@
 """Datasets: images + image-level labels (+ optional ground-truth masks, for evaluation only).
 
-Two on-disk sources load into the same :class:`Dataset`:
+Three on-disk sources load into the same :class:`Dataset` (COCO: :mod:`wsss.data.coco`):
 
 * a VOC-layout folder: ``JPEGImages/``, ``SegmentationClass[Aug]/``, ``ImageSets/Segmentation/<split>.txt``,
   ``classes.txt`` (line k = class id k, line 0 = background; the 20 VOC classes when absent), and
@@ -27,7 +27,7 @@ import logging
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -42,12 +42,14 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 @dataclass(frozen=True)
 class Sample:
-    """One image: its id, file, image-level labels (class ids >= 1) and optional mask file."""
+    """One image: its id, file, image-level labels (class ids >= 1) and optional mask file (for COCO the
+    annotation file, with ``mask_key`` a digest of this image's annotations: the mask is rendered)."""
 
     id: str
     image: Path
     labels: tuple[int, ...]
     mask: Path | None = None
+    mask_key: str = ""
 
 
 @dataclass
@@ -59,6 +61,8 @@ class Dataset:
     samples: list[Sample]
     split: str = ""
     skipped: list[str] = field(default_factory=list)
+    #: renders a sample's ground truth when masks are not PNG files (COCO polygons / RLE)
+    mask_reader: Callable[[Sample], np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -96,15 +100,23 @@ class Dataset:
         return read_image(self.samples[i].image)
 
     def read_mask(self, i: int) -> np.ndarray:
-        """``(H, W)`` uint8 ground-truth ids of sample ``i`` (evaluation only)."""
+        """``(H, W)`` uint8 ground-truth ids of sample ``i`` (evaluation and the fully-supervised reference
+        only), checked to lie in ``0..K`` or 255."""
         s = self.samples[i]
         if s.mask is None:
             raise DataError(f"image '{s.id}' has no ground-truth mask", self.root)
-        return read_mask(s.mask)
+        if self.mask_reader is not None:
+            return self.mask_reader(s)
+        return read_mask(s.mask, num_classes=len(self.classes))
 
     def subset(self, ids: Iterable[str]) -> "Dataset":
         keep = set(ids)
-        return Dataset(self.root, self.classes, [s for s in self.samples if s.id in keep], self.split)
+        return self.with_samples([s for s in self.samples if s.id in keep])
+
+    def with_samples(self, samples: list[Sample], split: str | None = None, skipped: list[str] | None = None) -> "Dataset":
+        """The same dataset (classes, mask reader) with other samples."""
+        return Dataset(self.root, self.classes, samples, self.split if split is None else split,
+                       [] if skipped is None else skipped, self.mask_reader)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,11 +360,15 @@ def load_csv(csv_path: str | Path, classes: Sequence[str] | None = None, split: 
 
 def load_dataset(root: str | Path, split: str = "train", classes: Sequence[str] | None = None,
                  problems: Problems | None = None) -> Dataset:
-    """Load a VOC folder or a CSV manifest, whichever ``root`` is; with ``problems``, record every
-    structural problem there (leaving its row out) instead of stopping at the first."""
+    """Load a VOC folder, a COCO folder or a CSV manifest, whichever ``root`` is; with ``problems``, record
+    every structural problem there (leaving its row out) instead of stopping at the first."""
     root = Path(root)
     if root.suffix.lower() == ".csv":
         return load_csv(root, classes, split, problems)
+    from wsss.data.coco import is_coco, load_coco
+
+    if is_coco(root):
+        return load_coco(root, split, classes, problems)
     return load_voc(root, split, classes, problems)
 
 
@@ -378,7 +394,7 @@ def dataset_fingerprint(datasets: list[Dataset]) -> str:
         h.update(f"{ds.split}|{','.join(ds.classes)}\n".encode())
         for s in ds:
             st = s.image.stat()
-            h.update(f"{s.id}|{s.labels}|{st.st_size}|{s.mask is not None}\n".encode())
+            h.update(f"{s.id}|{s.labels}|{st.st_size}|{s.mask is not None}|{s.mask_key}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -395,5 +411,4 @@ def carve_split(ds: Dataset, fraction: float, val_name: str) -> tuple[Dataset, D
         val = {min(scores, key=scores.get)}
     if len(ds) >= 2 and len(val) == len(ds):
         val.discard(max(scores, key=scores.get))
-    train = Dataset(ds.root, ds.classes, [s for s in ds if s.id not in val], ds.split, ds.skipped)
-    return train, Dataset(ds.root, ds.classes, [s for s in ds if s.id in val], val_name)
+    return ds.with_samples([s for s in ds if s.id not in val], skipped=ds.skipped), ds.with_samples([s for s in ds if s.id in val], val_name)

@@ -48,7 +48,7 @@ def gt_mask_source(ds: Dataset) -> MaskSource:
     """The ground-truth masks of ``ds`` (the fully-supervised reference only)."""
     if not ds.has_masks:
         raise DataError(f"split '{ds.split}' has no ground-truth masks (train_seg.masks=gt needs them)", ds.root)
-    return lambda i: read_mask(ds[i].mask, num_classes=len(ds.classes))
+    return ds.read_mask
 
 
 class SegDataset(torch.utils.data.Dataset):

@@ -40,6 +40,11 @@ def config_problems(cfg: Config) -> list[str]:
     for key, value in paths:
         if isinstance(value, (str, Path)) and not isinstance(value, bool) and not Path(value).exists():
             problems.append(f"config key '{key}': {value} does not exist")
+    if cfg.data.source == "coco" and cfg.data.root is not None and Path(cfg.data.root).is_dir():
+        from wsss.data.coco import is_coco
+
+        if not is_coco(cfg.data.root):
+            problems.append(f"config key 'data.root': {cfg.data.root} is not a COCO folder (needs annotations/instances_<split>.json)")
     if cfg.crf.source == "expand" and not cfg.expand.enabled:
         problems.append("config key 'crf.source': 'expand' needs the expand stage (expand.enabled=true)")
     if cfg.train_seg.mask_dir is not None and cfg.train_seg.masks == "gt":
