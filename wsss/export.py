@@ -110,5 +110,5 @@ def export_model(source: str | Path, out: str | Path, kind: Kind = "seg", fmt: L
             for key, value in {"classes": json.dumps(meta["classes"]), "kind": kind, "wsss_version": __version__}.items():
                 m.metadata_props.add(key=key, value=value)
             onnx.save(m, str(tmp))
-    log.info("export: %s -> %s (%s, %s)", path, out, fmt, kind)
+    log.debug("export: %s -> %s (%s, %s)", path, out, fmt, kind)
     return {"file": str(out), "kind": kind, "format": fmt, "classes": list(meta["classes"]), "outputs": outputs, "model": str(path)}
