@@ -95,6 +95,19 @@ class BackboneTester:
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
         assert all(isinstance(m, torch.nn.Module) for m in net.stem_modules())
 
+    def test_classifier_save_load_round_trip(self, tmp_path):
+        from wsss.models.checkpoint import load_classifier, save_checkpoint
+
+        model = Classifier(self.build(16 if 16 in self.strides else self.strides[-1]), 3).eval()
+        meta = {"backbone": self.name, "output_stride": model.backbone.output_stride, "num_classes": 3,
+                "classes": ["background", "a", "b", "c"], "mean": list(model.backbone.mean), "std": list(model.backbone.std),
+                "head": model.head_config()}
+        save_checkpoint(tmp_path / "classifier.pt", {"model": model.state_dict(), "meta": meta})
+        again, _ = load_classifier(tmp_path / "classifier.pt")
+        x = torch.randn(1, 3, self.size, self.size)
+        with torch.no_grad():
+            assert torch.allclose(model(x), again(x), atol=1e-6)
+
     def test_cam_extraction(self):
         """Every classifier backbone gives CAMs, plain and gradient-weighted: finite, >= 0, on the feature grid."""
         from wsss.cam.methods import create_cam_method
