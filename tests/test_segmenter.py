@@ -204,6 +204,28 @@ def test_all_ignored_mask_gives_zero_loss_and_gradient():
     assert torch.count_nonzero(logits.grad) == 0
 
 
+def test_loss_drop_leaves_out_the_largest_losses():
+    """Loss truncation: with drop 0.25 the quarter of labelled pixels the network fits worst (here: the
+    ones with a flipped label) gets no gradient, and the loss is the mean over the rest."""
+    torch.manual_seed(0)
+    target = torch.randint(0, K, (2, 8, 8))
+    logits = torch.nn.functional.one_hot(target, K).permute(0, 3, 1, 2).float() * 4  # confident and right
+    noisy = target.clone()
+    noisy[:, :2] = (noisy[:, :2] + 1) % K  # 32 of 128 labels wrong: their losses are the largest
+    noisy[0, 7, 7] = 255
+    logits = logits.requires_grad_(True)
+    before = noisy.clone()
+    loss = seg_loss(logits, noisy, drop=0.25)
+    assert torch.equal(noisy, before)
+    right = (noisy != 255) & (noisy == target)
+    expected = torch.nn.functional.cross_entropy(logits.detach(), noisy, ignore_index=255, reduction="none")[right]
+    assert torch.allclose(loss, expected.sort().values[: int(127 * 0.75)].mean())
+    loss.backward()
+    assert torch.count_nonzero(logits.grad[:, :, :2]) == 0 and torch.count_nonzero(logits.grad[:, :, 2:]) > 0
+    assert torch.allclose(seg_loss(logits, noisy, drop=0.0), seg_loss(logits, noisy))
+    assert seg_loss(logits, torch.full((2, 8, 8), 255), drop=0.5).item() == 0.0
+
+
 def test_ignored_pixels_do_not_count():
     torch.manual_seed(0)
     logits = torch.randn(1, K, 4, 4)

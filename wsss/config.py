@@ -159,6 +159,8 @@ class TrainSegConfig(TrainCommon):
     color_jitter: float = Field(0.0, ge=0, le=1)
     amp: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision on CUDA (ignored on CPU)")
     eval_every: int = Field(1, ge=0, description="score the val split every N epochs when it has masks (0 = never)")
+    loss_drop: float = Field(0.0, ge=0, lt=1, description="label-noise tolerance: leave this share of each batch's labelled "
+                             "pixels with the largest loss out of the loss (0 = plain cross-entropy)")
 
     @field_validator("rates")
     @classmethod
@@ -519,7 +521,7 @@ def config_from_dict(raw: dict[str, Any], source: str | Path | None = None, over
 
 #: Settings added after runs already existed, whose default reproduces the old behaviour: left out of
 #: dumps (and so of stage hashes) while at that default, so adding them does not invalidate finished stages.
-NEUTRAL_DEFAULTS: dict[str, Any] = {"sync_bn": False}
+NEUTRAL_DEFAULTS: dict[str, Any] = {"sync_bn": False, "loss_drop": 0.0, "decoder_channels": None}
 
 
 def _drop_neutral(obj: Any) -> Any:

@@ -72,11 +72,22 @@ class SegDataset(torch.utils.data.Dataset):
         return to_tensor(image, self.mean, self.std), torch.from_numpy(mask.astype(np.int64))
 
 
-def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, drop: float = 0.0) -> torch.Tensor:
     """Cross-entropy of ``logits (B, K, H, W)`` against ``target (B, H, W)``, averaged over the pixels
-    that are not 255; exactly 0 (with a gradient) when every pixel is ignored (torch's mean gives NaN)."""
-    total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
-    return total / (target != IGNORE).sum().clamp(min=1)
+    that are not 255; exactly 0 (with a gradient) when every pixel is ignored (torch's mean gives NaN).
+
+    ``drop`` > 0 tolerates label noise (loss truncation): the ``drop`` share of the batch's labelled
+    pixels with the largest losses are left out, since wrong pseudo-labels are the ones the network
+    cannot fit."""
+    if drop <= 0:
+        total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
+        return total / (target != IGNORE).sum().clamp(min=1)
+    per_pixel = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="none")
+    losses = per_pixel[target != IGNORE]
+    keep = int(losses.numel() * (1.0 - drop))
+    if keep == 0:
+        return per_pixel.sum() * 0.0
+    return torch.topk(losses, keep, largest=False, sorted=False).values.mean()
 
 
 
@@ -113,7 +124,7 @@ def train_segmenter(cfg: TrainSegConfig, train_ds: Dataset, masks: MaskSource, o
         model.eval()
         return {"val_mIoU": evaluate_segmenter(model, val_ds, cfg.resize_long, device, cfg.amp)["mIoU"]}
 
-    summary = fit(model, opt, data, lambda m, x, y: seg_loss(m(x), y), cfg, out_dir, name="train-seg", section="train_seg",
+    summary = fit(model, opt, data, lambda m, x, y: seg_loss(m(x), y, cfg.loss_drop), cfg, out_dir, name="train-seg", section="train_seg",
                   device=device, seed=seed, resume=resume, free={"epochs", "device", "workers", "threads", "eval_every"},
                   meta=meta, layout=layout, amp=cfg.amp, warmup=cfg.warmup_iters, train_mode=train_mode, evaluate=evaluate,
                   steps_per_epoch=len(data) // cfg.batch_size if drop_last else math.ceil(len(data) / cfg.batch_size),
