@@ -109,3 +109,22 @@ def test_export_errors_are_one_line(tmp_path, run_cli):
     shutil.copyfile(_classifier_file(tmp_path), bad)
     code, _, err = run_cli("export", bad, "--out", tmp_path / "y.onnx")  # a classifier file exported as a segmenter
     assert code == 1 and "not a wsss segmenter file" in err
+
+
+def test_readme_onnx_snippet_runs_as_written(tmp_path, run_cli, monkeypatch):
+    """The README's "Deploy without wsss" code, run as printed (only the file names point at a tiny model)."""
+    import re
+    from pathlib import Path
+
+    from PIL import Image
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Deploy without wsss"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    _segmenter_file(tmp_path, "deeplabv3", channels=16)
+    assert run_cli("export", tmp_path / "run", "--out", tmp_path / "model.onnx")[0] == 0
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 44, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["classes"] == CLASSES and scope["mask"].shape == (30, 44)
