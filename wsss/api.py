@@ -137,25 +137,34 @@ def _batches(images: list[np.ndarray], batch_size: int):
 
 
 @dataclass
-class Segmenter:
-    """A trained segmenter (``segmenter.pt``). ``classes``: the names of the class ids, background first."""
+class _Trained:
+    """A trained model file loaded for use: ``model`` in eval mode, its ``meta``, the ``device`` it runs on."""
 
     model: Any
     meta: dict
     device: str = "cpu"
+    _loader = ""  # the wsss.models.checkpoint function that rebuilds this kind of file
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> "Segmenter":
+    def load(cls, path: str | Path, device: str = "cpu"):
+        """Rebuild the model saved at ``path``; ``device``: auto, cpu, cuda or cuda:N."""
         from wsss.engine.core import resolve_device
-        from wsss.models.checkpoint import load_segmenter
+        from wsss.models import checkpoint
 
         dev = str(resolve_device(device))
-        model, meta = load_segmenter(path, dev)
+        model, meta = getattr(checkpoint, cls._loader)(path, dev)
         return cls(model, meta, dev)
 
     @property
     def classes(self) -> list[str]:
+        """The class names by id, background (0) first."""
         return list(self.meta["classes"])
+
+
+class Segmenter(_Trained):
+    """A trained segmenter (``segmenter.pt``)."""
+
+    _loader = "load_segmenter"
 
     def predict_proba(self, image: ImageLike | Sequence[ImageLike], *, scales: Sequence[float] = (1.0,), flip: bool = True,
                       batch_size: int = 4) -> np.ndarray | list[np.ndarray]:
@@ -189,26 +198,10 @@ class Segmenter:
         return masks[0] if single else masks
 
 
-@dataclass
-class Classifier:
-    """A trained multi-label CAM classifier (``classifier.pt``). ``classes``: background first, as in masks."""
+class Classifier(_Trained):
+    """A trained multi-label CAM classifier (``classifier.pt``)."""
 
-    model: Any
-    meta: dict
-    device: str = "cpu"
-
-    @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> "Classifier":
-        from wsss.engine.core import resolve_device
-        from wsss.models.checkpoint import load_classifier
-
-        dev = str(resolve_device(device))
-        model, meta = load_classifier(path, dev)
-        return cls(model, meta, dev)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
+    _loader = "load_classifier"
 
     def scores(self, image: ImageLike) -> dict[str, float]:
         """Image-level class probabilities (sigmoid of the logits), by class name."""
