@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 ImageLike = Union[str, Path, "Image.Image", np.ndarray]
 
-FLOWS = ("standard", "fully-supervised", "ablation")
+FLOWS = ("standard", "fully-supervised", "self-training", "ablation")
 
 
 def load_config(source: "str | Path | Mapping[str, Any] | Config | None" = None, overrides: Sequence[str] = ()) -> "Config":
@@ -80,6 +80,10 @@ def run(config: "Config | str | Path | Mapping[str, Any]", stages: str | Sequenc
         from wsss.pipelines import fully_supervised
 
         return fully_supervised.run(cfg, tuple(force))
+    if flow == "self-training":
+        from wsss.pipelines import self_training
+
+        return self_training.run(cfg, tuple(force))
     if flow == "ablation":
         from wsss.pipelines import ablation
 

@@ -191,6 +191,8 @@ class PredictConfig(Section):
     flip: bool = Field(True, description="also average the mirrored image")
     resize_long: int | None = Field(None, ge=16, description="long side the network sees at scale 1 (default: train_seg.resize_long)")
     crf: bool = Field(False, description="refine predictions with the dense CRF (the crf section's kernels)")
+    labels_only: bool = Field(False, description="a dataset split: each photo may only hold background and its image-level "
+                              "labels (the self-training flow predicts the train split this way)")
     overlay: bool = Field(True, description="also write overlays (photo blended with the mask colours) as JPEG")
     batch_size: int = Field(4, ge=1, description="same-size images per forward pass")
     device: str = "auto"
@@ -521,7 +523,7 @@ def config_from_dict(raw: dict[str, Any], source: str | Path | None = None, over
 
 #: Settings added after runs already existed, whose default reproduces the old behaviour: left out of
 #: dumps (and so of stage hashes) while at that default, so adding them does not invalidate finished stages.
-NEUTRAL_DEFAULTS: dict[str, Any] = {"sync_bn": False, "loss_drop": 0.0, "decoder_channels": None}
+NEUTRAL_DEFAULTS: dict[str, Any] = {"sync_bn": False, "loss_drop": 0.0, "decoder_channels": None, "labels_only": False}
 
 
 def _drop_neutral(obj: Any) -> Any:

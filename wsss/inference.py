@@ -84,10 +84,21 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> np.ndar
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+def restrict_to_labels(probs: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """``probs (K, H, W)`` with every class but background and ``labels`` set to 0 and each pixel
+    renormalised: a photo's known image-level labels rule out the other classes. Returns a new array."""
+    keep = np.zeros(probs.shape[0], bool)
+    keep[0] = True
+    keep[list(labels)] = True
+    out = np.where(keep[:, None, None], probs, 0.0).astype(np.float32)
+    return out / np.maximum(out.sum(0, keepdims=True), 1e-8)
+
+
 def predict_items(model: "Segmenter", items: Sequence[tuple[str, Path]], out_dir: str | Path, cfg: PredictConfig,
                   resize_long: int | None, crf_cfg: CrfConfig | None = None, skip_done: bool = True,
-                  skip_unreadable: bool = False) -> dict:
-    """Predict ``items`` (``(id, image path)``) into ``out_dir/<id>.png`` (+ overlays). Returns counts and,
+                  skip_unreadable: bool = False, labels: dict[str, Sequence[int]] | None = None) -> dict:
+    """Predict ``items`` (``(id, image path)``) into ``out_dir/<id>.png`` (+ overlays). ``labels`` (id ->
+    class ids >= 1): restrict each photo to background + its labels before the CRF. Returns counts and,
     with ``skip_unreadable``, the images that could not be decoded (each logged and left out instead of
     stopping the batch): ``skipped``."""
     out_dir = Path(out_dir)
@@ -106,6 +117,8 @@ def predict_items(model: "Segmenter", items: Sequence[tuple[str, Path]], out_dir
         group = pending.pop(key)
         probs = predict_probs(model, [im for _, im in group], cfg.scales, cfg.flip, resize_long, device, cfg.amp)
         for (sid, im), p in zip(group, probs):
+            if labels is not None:
+                p = restrict_to_labels(p, labels[sid])
             if crf_cfg is not None:
                 p = refine_with_crf(im, p, crf_cfg)
             mask = p.argmax(0).astype(np.uint8)

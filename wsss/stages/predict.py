@@ -48,7 +48,7 @@ def run(ctx: StageContext) -> dict:
         raise WsssError(f"segmenter classes {meta['classes']} differ from the dataset's {full.classes}", path)
     ds = ctx.select(full)
     stats = predict_items(model, [(s.id, s.image) for s in ds], ctx.out, p, p.resize_long or meta.get("resize_long"),
-                          cfg.crf if p.crf else None)
+                          cfg.crf if p.crf else None, labels={s.id: s.labels for s in ds} if p.labels_only else None)
     if ctx.shard is not None:
         return stats
     log.info("predict: %d %s images (%d computed, %d reused), scales %s%s%s -> %s", stats["images"], p.split, stats["computed"],
