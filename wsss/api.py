@@ -122,11 +122,8 @@ def as_rgb(image: ImageLike) -> np.ndarray:
         a = np.round(a * 255.0).astype(np.uint8)
     else:
         raise ValueError(f"image arrays must be uint8 (0-255) or float (0-1), got {a.dtype}")
-    if a.ndim == 2:
-        return np.repeat(a[..., None], 3, axis=2)
-    if a.shape[2] == 4:  # composite on white, as for RGBA files
-        alpha = a[..., 3:4].astype(np.float32) / 255.0
-        return np.round(a[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
+    if a.ndim == 2 or a.shape[2] == 4:  # gray / RGBA: the same conversion as image files (alpha over white)
+        return np.array(_to_rgb_uint8(Image.fromarray(a), Path("<array>")), order="C", copy=True)
     return np.ascontiguousarray(a)
 
 
