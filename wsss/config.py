@@ -159,8 +159,8 @@ class TrainSegConfig(TrainCommon):
     color_jitter: float = Field(0.0, ge=0, le=1)
     amp: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision on CUDA (ignored on CPU)")
     eval_every: int = Field(1, ge=0, description="score the val split every N epochs when it has masks (0 = never)")
-    loss_drop: float = Field(0.0, ge=0, lt=1, description="label-noise tolerance: leave this share of each batch's labelled "
-                             "pixels with the largest loss out of the loss (0 = plain cross-entropy)")
+    loss_drop: float = Field(0.0, ge=0, lt=1, description="label-noise tolerance: leave this share of each class's labelled "
+                             "pixels in a batch with the largest loss out of the loss (0 = plain cross-entropy)")
 
     @field_validator("rates")
     @classmethod
