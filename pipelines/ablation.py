@@ -76,9 +76,9 @@ def ablation_split(cfg: Config, run_dir: Path) -> Dataset:
 
 
 def score_row(name: str, cam_dir: Path, out: Path, ds: Dataset, full: Dataset, cfg: Config) -> dict[str, Any]:
-    """CAM mIoU at the best threshold with foreground precision/recall, then pseudo-mask mIoU and kept
-    share for each CRF mode (masks in ``out/crf_<mode>/``). ``ds``: the images scored, a part of
-    ``full`` (the split ``cam_dir`` was made for)."""
+    """CAM mIoU at the best threshold with foreground precision/recall, then for each CRF mode (masks in
+    ``out/crf_<mode>/``) pseudo-mask mIoU on kept pixels, kept share and mIoU with ignored pixels counted
+    as background. ``ds``: the images scored, a part of ``full`` (the split ``cam_dir`` was made for)."""
     sweep = evaluate_cam_folder(cam_dir, ds, cfg.eval.thresholds)
     b = sweep.best_index
     row: dict[str, Any] = {"variant": name, "mIoU": round(100 * sweep.best_miou, 2), "threshold": sweep.best_threshold,
@@ -96,6 +96,7 @@ def score_row(name: str, cam_dir: Path, out: Path, ds: Dataset, full: Dataset, c
         res = evaluate_masks(mask_dir, ds)
         row[f"{mode}_mIoU"] = res["mIoU"]
         row[f"{mode}_kept"] = res["kept_share"]
+        row[f"{mode}_mIoU_ign_bg"] = res["mIoU_ignored_as_bg"]
         row[f"{mode}_s"] = round(time.perf_counter() - t0, 1)
     return row
 
@@ -124,14 +125,15 @@ def render_table(rows: list[dict[str, Any]], modes: list[str]) -> str:
     base = rows[0]["mIoU"]
     head = ["variant", "CAM mIoU", "Δ vs CAM", "threshold", "fg precision", "fg recall"]
     for m in modes:
-        head += [f"{m} CRF mIoU", f"{m} kept %"]
+        head += [f"{m} CRF mIoU", f"{m} kept %", f"{m} CRF mIoU, ignored as bg"]
     head += ["fine-tuning s", "extraction s"]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["variant"], f"{r['mIoU']:.1f}", f"{r['mIoU'] - base:+.1f}", f"{r['threshold']:.2f}",
                  f"{r['fg_precision']:.1f}", f"{r['fg_recall']:.1f}"]
         for m in modes:
-            cells += [f"{r[f'{m}_mIoU']:.1f}", f"{r[f'{m}_kept']:.1f}"]
+            ign = r.get(f"{m}_mIoU_ign_bg")  # rows finished before this column existed lack it
+            cells += [f"{r[f'{m}_mIoU']:.1f}", f"{r[f'{m}_kept']:.1f}", "" if ign is None else f"{ign:.1f}"]
         cells += [f"{r['finetune_s']:.0f}", "" if r["extract_s"] is None else f"{r['extract_s']:.0f}"]
         md.append("| " + " | ".join(cells) + " |")
     return "\n".join(md) + "\n"

@@ -155,6 +155,7 @@ def test_ablation_flow_and_expansion_raises_recall(demo_run, capsys):
     assert "| acol |" in out and (demo_run / "ablation" / "table.md").read_text() in out
     for name, r in rows.items():
         assert 25 < r["mIoU"] < 80 and r["confidence_mIoU"] > r["mIoU"] + 10, r  # CRF masks beat the maps they refine
+        assert 0 < r["confidence_mIoU_ign_bg"] < r["confidence_mIoU"], r  # the demo's masks leave half the pixels out
     for v in ("plain", "acol"):
         assert len(list((demo_run / "ablation" / v).glob("*.npz"))) == 200
         assert len(list((demo_run / "ablation" / v / "crf_confidence").glob("*.png"))) == 200
