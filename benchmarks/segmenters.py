@@ -32,6 +32,7 @@ DEMO_OPTIONS = {"deeplabv3": [], "deeplabv3plus": [], "deeplabv2": ["train_seg.c
 
 def main(argv: list[str] | None = None) -> int:
     from wsss.cli import main as wsss
+    from wsss.config import load_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.masks_from is None:
         if wsss(["run", args.config, f"run.out_dir={base}", *args.overrides, "--to", "data"]) != 0:
             return 1
+    epochs = load_config(args.config, [*args.overrides]).train_seg.epochs
     results = []
     for entry in args.archs:
         arch, _, extra = entry.partition(":")
@@ -57,9 +59,6 @@ def main(argv: list[str] | None = None) -> int:
         src = args.masks_from or base
         # maps are not read by train-seg (their manifests stay, so the pseudo-mask stage is still up to date)
         shutil.copytree(src, run, ignore=shutil.ignore_patterns("seg", "seg_gt", "predict", "predict_gt", "ablation", "inspect", "*.npz"))
-        from wsss.config import load_config
-
-        epochs = load_config(args.config, [*args.overrides]).train_seg.epochs
         cmd = ["train-seg", args.config, f"run.out_dir={run}", *args.overrides, f"train_seg.arch={arch}",
                *DEMO_OPTIONS.get(arch, []), *extra_overrides, f"train_seg.eval_every={epochs}", "--no-resume"]
         if args.masks_from is None:
