@@ -68,3 +68,10 @@ def test_device_flag_sets_every_device_section(run_cli, tmp_path):
         code, out, err = run_cli("train-cls", "configs/demo.yaml", "--device", "cuda", f"run.out_dir={run}",
                                  "data.synth.n_train=8", "data.synth.n_val=4", "data.synth.size=64")
         assert code == 1 and "CUDA is not available" in err and "Traceback" not in err
+
+
+def test_crf_maps_needs_sweep(run_cli, tmp_path):
+    """`--maps` picks the maps of a sweep; without --sweep it is a one-line error before anything runs."""
+    code, out, err = run_cli("crf", "configs/demo.yaml", "--maps", "affinity", f"run.out_dir={tmp_path / 'run'}")
+    assert code != 0 and "use it with --sweep" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -10,13 +10,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from wsss.camfile import save_cam
+from wsss.camfile import load_cam, save_cam
 from wsss.config import CrfConfig, load_config
 from wsss.crf import dense_crf, dense_crf_many, mask_stats, pseudo_mask, refine
-from wsss.errors import DataError
+from wsss.errors import DataError, WsssError
 from wsss.io import read_mask, voc_palette, write_image, write_palette_png
 from wsss.manifest import write_manifest
 from wsss.crf.pool import crf_one
+from wsss.crf.sweep import SCORE_COLUMN, choose_best
 from wsss.evaluation.masks import evaluate_masks
 from wsss.pipeline.runner import open_split, run_stage
 from wsss.stages.crf import sweep as sweep_crf
@@ -228,6 +229,43 @@ def test_sweep_writes_loadable_snippet(tmp_path):
     assert set(snippet["crf"]) == {"fg_threshold", "low_threshold"}
     assert load_config(None, [f"crf.{k}={v}" for k, v in snippet["crf"].items()]).crf.fg_threshold == res["best"]["fg_threshold"]
     assert not list((run_dir / "crf_sweep").glob("trial_*")), "trial folders are cleaned up"
+
+
+def test_choose_best_by_every_pixel_score_prefers_keeping_pixels():
+    rows = [{"fg_threshold": 0.4, "mIoU": 70.0, "kept_share": 86.0, "mIoU_ignored_as_bg": 60.0},
+            {"fg_threshold": 0.3, "mIoU": 66.0, "kept_share": 95.0, "mIoU_ignored_as_bg": 64.0},
+            {"fg_threshold": 0.5, "mIoU": 75.0, "kept_share": 70.0, "mIoU_ignored_as_bg": 50.0}]
+    assert choose_best(rows, SCORE_COLUMN["kept_pixels"], 0.85) == (rows[0], True)
+    assert choose_best(rows, SCORE_COLUMN["every_pixel"], 0.85) == (rows[1], True)
+    assert choose_best(rows, SCORE_COLUMN["kept_pixels"], 0.99) == (rows[1], False)  # none keeps enough: the one keeping most
+    tied = [{"low_threshold": 0.1, "mIoU": 66.0, "kept_share": 88.0, "mIoU_ignored_as_bg": 64.0},
+            {"low_threshold": 0.2, "mIoU": 67.0, "kept_share": 86.0, "mIoU_ignored_as_bg": 64.0}]
+    assert choose_best(tied, SCORE_COLUMN["every_pixel"], 0.85)[0] is tied[1], "ties go to the better kept-pixel mIoU"
+
+
+def test_sweep_on_the_affinity_maps_writes_an_affinity_snippet_and_skips_invalid_pairs(tmp_path):
+    cfg, run_dir, ds = _run_with_cams(tmp_path)
+    for s in ds:  # walked maps: the CAMs, softened, as the affinity stage would leave them
+        classes, cam = load_cam(run_dir / "cam" / f"{s.id}.npz")
+        save_cam(run_dir / "affinity" / "maps" / f"{s.id}.npz", classes, 0.7 * cam.astype(np.float32))
+    cfg = load_config(None, [f"data.source=voc", f"data.root={tmp_path / 'voc'}", f"run.out_dir={run_dir}",
+                             "crf.sweep={fg_threshold: [0.3, 0.6], low_threshold: [0.2, 0.4]}", "crf.sweep_images=3",
+                             "crf.sweep_score=every_pixel"])
+    with pytest.raises(WsssError, match="no finished affinity stage"):
+        sweep_crf(cfg, run_dir, workers=1, maps="affinity")
+    write_manifest(run_dir / "affinity", "affinity", {}, "h", {}, {"images": len(ds)}, 0.0)
+    res = sweep_crf(cfg, run_dir, workers=1, maps="affinity")
+    assert res["skipped"] == [{"fg_threshold": 0.3, "low_threshold": 0.4}], "low above fg is not a setting"
+    assert len(res["rows"]) == 3 and res["score"] == "mIoU_ignored_as_bg"
+    assert res["best"] == choose_best(res["rows"], "mIoU_ignored_as_bg", cfg.crf.sweep_min_kept)[0]
+    out = run_dir / "crf_sweep_affinity"
+    snippet = yaml.safe_load((out / "best.yaml").read_text())
+    assert snippet == {"affinity": {"fg_threshold": res["best"]["fg_threshold"], "low_threshold": res["best"]["low_threshold"]}}
+    loaded = load_config(None, [f"affinity.{k}={v}" for k, v in snippet["affinity"].items()])
+    assert loaded.affinity.fg_threshold == res["best"]["fg_threshold"]
+    header = (out / "sweep.csv").read_text().splitlines()[0]
+    assert header == "fg_threshold,low_threshold,mIoU,kept_share,mIoU_ignored_as_bg"
+    assert not (run_dir / "crf_sweep").exists(), "the crf stage's sweep folder is left alone"
 
 
 def test_config_rejects_bad_crf_settings():

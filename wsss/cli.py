@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     stages["crf"].add_argument("--workers", type=int, help="worker processes (crf.workers; default one per core)")
     stages["crf"].add_argument("--sweep", action="store_true", help="instead: try the crf.sweep grid on the first crf.sweep_images "
                                "labelled images and write the best setting as a config snippet (reads ground truth)")
+    stages["crf"].add_argument("--maps", choices=["crf", "affinity"], default="crf", help="with --sweep: the maps to refine; crf = "
+                               "the ones the crf stage reads (default), affinity = the affinity stage's walked maps (its "
+                               "thresholds go under affinity: in the snippet)")
     stages["train-seg"].add_argument("--masks", choices=["pseudo", "gt"], help="train_seg.masks: pseudo-masks (default) or ground "
                                      "truth, the fully-supervised reference (written to RUN/seg_gt)")
 
@@ -275,19 +278,23 @@ def _cmd_stage(args: argparse.Namespace) -> int:
         args.overrides = [*args.overrides, f"train_seg.masks={args.masks}"]
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg.run.out_dir)
+    if getattr(args, "maps", "crf") != "crf" and not args.sweep:
+        raise WsssError("--maps chooses the maps of a sweep: use it with --sweep")
     if getattr(args, "sweep", False):
         from wsss.stages.crf import sweep
 
         with hold_run(cfg.run.out_dir):
-            res = sweep(cfg, setup_run(cfg), workers=args.workers)
+            res = sweep(cfg, setup_run(cfg), workers=args.workers, maps=args.maps)
         keys = list(cfg.crf.sweep)
-        print("  ".join(f"{k:>13}" for k in keys) + "   mIoU   kept%")
+        print("  ".join(f"{k:>13}" for k in keys) + "   mIoU   kept%   every-pixel mIoU")
         for r in res["rows"]:
             mark = " <- best" if r is res["best"] else ""
-            print("  ".join(f"{r[k]:13g}" for k in keys) + f"  {r['mIoU']:5.1f}  {r['kept_share']:5.1f}{mark}")
+            print("  ".join(f"{r[k]:13g}" for k in keys) + f"  {r['mIoU']:5.1f}  {r['kept_share']:5.1f}  {r['mIoU_ignored_as_bg']:5.1f}{mark}")
+        for skipped in res["skipped"]:
+            print("  ".join(f"{skipped[k]:13g}" for k in keys) + "  skipped: not a valid setting")
         b = res["best"]
-        print(f"crf sweep: best mIoU {b['mIoU']:.1f} with {b['kept_share']:.1f}% kept on {res['images']} images "
-              f"-> {Path(res['out']) / 'best.yaml'}")
+        print(f"crf sweep ({args.maps} maps, best by {cfg.crf.sweep_score}): mIoU {b['mIoU']:.1f} with {b['kept_share']:.1f}% kept, "
+              f"{b['mIoU_ignored_as_bg']:.1f} with ignored pixels as background, on {res['images']} images -> {Path(res['out']) / 'best.yaml'}")
         return 0
     options = {k: getattr(args, k) for k in ("resume", "workers") if getattr(args, k, None) is not None}
     shard = parse_shard(args.shard) if getattr(args, "shard", None) else None

@@ -317,7 +317,10 @@ class CrfConfig(Section):
         default_factory=lambda: {"fg_threshold": [0.2, 0.25, 0.3, 0.35, 0.4], "low_threshold": [0.05, 0.1, 0.15]},
         description="`wsss crf --sweep`: values to try per key (every combination)")
     sweep_images: int = Field(100, ge=1, description="`wsss crf --sweep`: first N labelled images scored")
-    sweep_min_kept: float = Field(0.85, ge=0, le=1, description="`wsss crf --sweep`: best = highest mIoU keeping at least this share")
+    sweep_min_kept: float = Field(0.85, ge=0, le=1, description="`wsss crf --sweep`: best = highest score keeping at least this share")
+    sweep_score: Literal["kept_pixels", "every_pixel"] = Field(
+        "kept_pixels", description="`wsss crf --sweep`: the score the best setting maximises; kept_pixels = mIoU on the pixels "
+        "the masks keep, every_pixel = mIoU with ignored pixels counted as background (penalises leaving pixels out)")
 
     @model_validator(mode="after")
     def _check(self) -> "CrfConfig":

@@ -29,7 +29,7 @@ from wsss.log import progress
 log = logging.getLogger(__name__)
 
 #: crf settings that change speed or the sweep, not the masks (left out of a stage's key)
-UNKEYED = ("workers", "sweep", "sweep_images", "sweep_min_kept")
+UNKEYED = ("workers", "sweep", "sweep_images", "sweep_min_kept", "sweep_score")
 
 Job = tuple[str, str, str, str]  # (id, image path, cam path, output png path)
 
