@@ -126,3 +126,34 @@ def test_affinity_head_shapes_and_gradient():
     assert all(p.grad is not None for p in head.parameters())
     with pytest.raises(ValueError, match="levels"):
         head(levels[:2], (5, 7))
+
+
+def test_walk_key_ignores_only_the_final_crf_thresholds(tmp_path):
+    """The head and walked maps are reused across runs that differ only in the final CRF's thresholds;
+    any other affinity setting, the seed or an input makes new ones (and a stale folder is emptied)."""
+    from types import SimpleNamespace
+
+    from wsss.config import load_config
+    from wsss.stages.affinity import WALK_MARKER, _keep_walk_outputs, _walk_key
+
+    def key(*over, crf_key="c1"):
+        cfg = load_config(None, ["crf.source=cam", *over])
+        ctx = SimpleNamespace(cfg=cfg, run_dir=tmp_path, manifest_key=lambda name, hint: {"crf": crf_key}.get(name, name))
+        return _walk_key(ctx)
+
+    base = key()
+    assert key("affinity.fg_threshold=0.6", "affinity.low_threshold=0.1") == base == key("affinity.device=cpu")
+    assert key("crf.fg_threshold=0.5") == base  # the crf section reaches the head only through the crf stage's key
+    for other in (key("affinity.beta=8"), key("affinity.epochs=3"), key("run.seed=1"), key(crf_key="c2")):
+        assert other != base
+
+    out = tmp_path / "affinity"
+    (out / "maps").mkdir(parents=True)
+    (out / "maps" / "a.npz").write_bytes(b"x")
+    (out / "head.pt").write_bytes(b"x")
+    (out / WALK_MARKER).write_text(base + "\n")
+    assert _keep_walk_outputs(out, base, force=False) and (out / "head.pt").is_file()
+    assert not _keep_walk_outputs(out, base, force=True) and not (out / "head.pt").exists() and not (out / "maps").exists()
+    (out / "head.pt").write_bytes(b"x")
+    assert not _keep_walk_outputs(out, key("affinity.beta=8"), force=False) and not (out / "head.pt").exists()
+    assert (out / WALK_MARKER).read_text().strip() == key("affinity.beta=8")

@@ -238,9 +238,10 @@ def test_choose_best_by_every_pixel_score_prefers_keeping_pixels():
     assert choose_best(rows, SCORE_COLUMN["kept_pixels"], 0.85) == (rows[0], True)
     assert choose_best(rows, SCORE_COLUMN["every_pixel"], 0.85) == (rows[1], True)
     assert choose_best(rows, SCORE_COLUMN["kept_pixels"], 0.99) == (rows[1], False)  # none keeps enough: the one keeping most
-    tied = [{"low_threshold": 0.1, "mIoU": 66.0, "kept_share": 88.0, "mIoU_ignored_as_bg": 64.0},
-            {"low_threshold": 0.2, "mIoU": 67.0, "kept_share": 86.0, "mIoU_ignored_as_bg": 64.0}]
-    assert choose_best(tied, SCORE_COLUMN["every_pixel"], 0.85)[0] is tied[1], "ties go to the better kept-pixel mIoU"
+    tied = [{"low_threshold": 0.1, "mIoU": 66.0, "kept_share": 88.0, "mIoU_ignored_as_bg": 64.05},
+            {"low_threshold": 0.2, "mIoU": 67.0, "kept_share": 86.0, "mIoU_ignored_as_bg": 64.0},
+            {"low_threshold": 0.3, "mIoU": 68.0, "kept_share": 85.5, "mIoU_ignored_as_bg": 63.9}]
+    assert choose_best(tied, SCORE_COLUMN["every_pixel"], 0.85)[0] is tied[1], "within 0.1: the better kept-pixel mIoU"
 
 
 def test_sweep_on_the_affinity_maps_writes_an_affinity_snippet_and_skips_invalid_pairs(tmp_path):

@@ -98,6 +98,13 @@ def test_affinity_stage_through_the_cli(demo_run, capsys):
     assert res["mIoU"] > 35.0 and res["kept_share"] > 50.0, res
     assert pseudo_mask_stage(load_config("configs/demo.yaml", ["affinity.enabled=true"])) == ("affinity", "affinity/masks")
     assert main(["affinity", *args]) == 0 and "up to date" in capsys.readouterr().out
+    # other thresholds for the final CRF: the head and the walked maps are reused, only the masks are redone
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in [out / "head.pt", *(out / "maps").glob("*.npz")]}
+    masks_before = (out / "masks" / "stats.csv").read_text()
+    assert main(["affinity", *args, "affinity.fg_threshold=0.4", "affinity.low_threshold=0.2"]) == 0
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in [out / "head.pt", *(out / "maps").glob("*.npz")]} == before
+    assert (out / "masks" / "stats.csv").read_text() != masks_before
+    assert len(list((out / "masks").glob("*.png"))) == 500
 
 
 def test_segmenter_learns_from_the_pseudo_masks(demo_run):

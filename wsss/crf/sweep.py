@@ -29,17 +29,18 @@ THRESHOLD_KEYS = ("fg_threshold", "low_threshold")
 
 def choose_best(rows: list[dict], score: str, min_kept: float) -> tuple[dict, bool]:
     """The row with the highest ``score`` column among those keeping at least ``min_kept`` (a share in
-    [0, 1]; rows give ``kept_share`` in %), ties broken by the other score, and True; else the row
-    keeping the most, and False.
+    [0, 1]; rows give ``kept_share`` in %), and True; else the row keeping the most, and False. Scores
+    within 0.1 mIoU of each other (the precision they are reported at) tie; the other score breaks ties.
 
     The tie-break matters for ``every_pixel``: in confidence mode a pixel is ignored where the background
     pass (``low_threshold``) calls it an object and the foreground pass calls it background, so with
-    ignored pixels counted as background the score is the foreground pass's alone, the same for every
-    ``low_threshold``; the kept-pixel mIoU then picks the ignore band."""
+    ignored pixels counted as background the score is nearly the foreground pass's alone, the same to
+    0.01 for every ``low_threshold``; the kept-pixel mIoU then picks the ignore band."""
     other = next(c for c in SCORE_COLUMN.values() if c != score)
     ok = [r for r in rows if r["kept_share"] >= 100 * min_kept]
     if ok:
-        return max(ok, key=lambda r: (r[score], r[other])), True
+        top = max(r[score] for r in ok)
+        return max((r for r in ok if r[score] >= top - 0.1 + 1e-9), key=lambda r: r[other]), True
     return max(rows, key=lambda r: r["kept_share"]), False
 
 

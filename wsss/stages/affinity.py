@@ -6,7 +6,9 @@ Reads ``RUN/cls/classifier.pt`` (its backbone, frozen, gives the features), ``RU
 training labels: only their confident pixels) and the maps the crf stage refined (``RUN/cam`` or
 ``RUN/expand``). Never reads ground truth. Output folder ``RUN/affinity/``: ``head.pt`` (checkpoint.pt
 while training), ``log.csv``, ``maps/<id>.npz`` (the format of RUN/cam), ``masks/<id>.png`` +
-``stats.csv`` (what train-seg reads). Training resumes per epoch, the walk and the CRF per file.
+``stats.csv`` (what train-seg reads). Training resumes per epoch, the walk and the CRF per file. The
+head and the walked maps are kept across a change of the final CRF's thresholds alone (their own key,
+``.walk_key``), so only the CRF re-runs.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from pathlib import Path
 import torch
 
 from wsss.affinity.train import load_affinity_head, train_affinity_head, walk_maps
-from wsss.config import Config, config_to_dict
+from wsss.config import Config, config_hash, config_to_dict
 from wsss.crf.pool import UNKEYED, crf_jobs, empty_masks_warning, run_crf, write_stats
 from wsss.engine.core import resolve_device
 from wsss.errors import WsssError
+from wsss.io import write_text
 from wsss.manifest import StageOutcome
 from wsss.models.checkpoint import load_classifier
 from wsss.pipeline.runner import StageContext
@@ -41,8 +44,40 @@ def section(cfg: Config) -> dict:
             "crf": {k: v for k, v in config_to_dict(cfg.crf).items() if k not in UNKEYED}, "seed": cfg.run.seed}
 
 
+#: what the head and the walk produce; kept when only the thresholds of the final CRF change (see ``_walk_key``)
+WALK_OUTPUTS = ("head.pt", "checkpoint.pt", "log.csv", "maps")
+WALK_MARKER = ".walk_key"
+
+
+def _walk_key(ctx: StageContext) -> str:
+    """The key of the head and the walked maps: the stage's inputs, the seed and every affinity setting
+    except the final CRF's (its thresholds; the crf kernels are not in it at all). Trying other thresholds
+    then re-runs only the CRF."""
+    a = {k: v for k, v in config_to_dict(ctx.cfg.affinity).items() if k not in ("device", "fg_threshold", "low_threshold")}
+    return config_hash({"inputs": inputs(ctx), "affinity": a, "seed": ctx.cfg.run.seed})
+
+
+def _keep_walk_outputs(out: Path, key: str, force: bool) -> bool:
+    """Remove the head and walked maps unless ``out`` marks them as made with ``key`` (and not ``force``);
+    mark the folder with ``key`` before anything new is written. True when they were kept."""
+    import shutil
+
+    marker = out / WALK_MARKER
+    kept = not force and marker.is_file() and marker.read_text().strip() == key
+    if not kept:
+        for name in WALK_OUTPUTS:
+            f = out / name
+            shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
+        write_text(marker, key + "\n")
+    return kept
+
+
 def run(ctx: StageContext) -> dict:
     cfg, a, out = ctx.cfg, ctx.cfg.affinity, ctx.out
+    reused = _keep_walk_outputs(out, _walk_key(ctx), ctx.force)
+    if reused and (out / "head.pt").is_file():
+        log.info("affinity: head and walked maps made with the same settings and inputs are reused (only the final CRF "
+                 "thresholds differ or a run resumes)")
     source = cam_source(cfg, ctx.run_dir)
     ds = ctx.split(cfg.cam.split)
     device = resolve_device(a.device)
