@@ -379,3 +379,18 @@ def test_sigterm_during_the_crf_worker_pool_leaves_no_worker_and_no_leak(tmp_pat
     assert not list(run.rglob(".*.tmp*"))
     code, _, err = run_cli("crf", "configs/demo.yaml", f"run.out_dir={run}", *over, "--workers", "2")
     assert code == 0 and _outputs(run, "crf")["images"] == 240, err
+
+
+def test_generator_settings_are_not_in_a_real_dataset_s_key():
+    """The synthetic generator's settings key the data stage (and so every later stage) only when the data
+    is synthetic: a VOC run is not recomputed because synth defaults changed."""
+    from wsss.config import config_hash, load_config
+    from wsss.stages.data import section
+
+    def key(*over):
+        return config_hash(section(load_config(None, list(over))))
+
+    voc = ("data.source=voc", "data.root=.")
+    assert key(*voc) == key(*voc, "data.synth.size=64")
+    assert key(*voc) != key(*voc, "data.train_split=trainaug")
+    assert key() != key("data.synth.size=64")  # synthetic data: the generator makes it

@@ -50,7 +50,10 @@ def inputs(ctx: StageContext) -> dict[str, str]:
 
 
 def section(cfg: Config) -> dict:
-    return config_to_dict(cfg.data)
+    # the generator's settings make no data unless the source is synthetic: leaving them out of a real
+    # dataset's key keeps a change of their defaults from re-running every stage of such runs
+    d = config_to_dict(cfg.data)
+    return d if cfg.data.source == "synth" else {k: v for k, v in d.items() if k != "synth"}
 
 
 def run(ctx: StageContext) -> dict:
