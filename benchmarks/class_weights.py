@@ -21,8 +21,8 @@ import numpy as np
 from wsss.camfile import load_cam
 from wsss.config import load_config
 from wsss.crf.dense import pseudo_mask
-from wsss.evaluation.metrics import confusion, iou_from_confusion
-from wsss.io import IGNORE
+from wsss.evaluation.masks import mask_counts, mask_scores
+from wsss.evaluation.metrics import iou_from_confusion
 from wsss.log import setup_logging
 from wsss.pipeline.runner import open_split
 from wsss.pipeline.table import maps_folder
@@ -33,20 +33,16 @@ def _score_one(i: int, ds, maps: Path, crf, weights: dict[int, float]) -> tuple[
     classes, cams = load_cam(maps / f"{s.id}.npz", ds.num_classes)
     w = np.array([weights.get(int(c), 1.0) for c in classes], np.float32).reshape(-1, 1, 1)
     mask = pseudo_mask(ds.read_image(i), classes, np.clip(cams.astype(np.float32) * w, 0, 1), crf)
-    gt, k = ds.read_mask(i), len(ds.classes)
-    valid = gt != IGNORE
-    return (confusion(gt, mask, k), confusion(gt, np.where(mask == IGNORE, 0, mask).astype(np.uint8), k),
-            int(valid.sum()), int((valid & (mask != IGNORE)).sum()))
+    return mask_counts(ds.read_mask(i), mask, len(ds.classes))
 
 
 def score(pool: Pool, idx: list[int], ds, maps: Path, crf, weights: dict[int, float]) -> dict:
     """mIoU on kept pixels, kept share and every-pixel mIoU (with its per-class IoU) of ``idx``."""
     res = pool.map(partial(_score_one, ds=ds, maps=maps, crf=crf, weights=weights), idx)
-    kept_cm, all_cm = sum(r[0] for r in res), sum(r[1] for r in res)
-    every = iou_from_confusion(all_cm)
-    return {"mIoU": round(100 * float(np.nanmean(iou_from_confusion(kept_cm))), 2),
-            "kept_share": round(100 * sum(r[3] for r in res) / sum(r[2] for r in res), 2),
-            "mIoU_ignored_as_bg": round(100 * float(np.nanmean(every)), 2),
+    cm, cm_bg, valid, kept = (sum(r[j] for r in res) for j in range(4))
+    every = iou_from_confusion(cm_bg)
+    scores = mask_scores(cm, cm_bg, valid, kept, ds.classes)
+    return {**{k: scores[k] for k in ("mIoU", "kept_share", "mIoU_ignored_as_bg")},
             "per_class_ignored_as_bg": dict(zip(ds.classes, (100 * every).round(1).tolist()))}
 
 

@@ -350,6 +350,10 @@ class AffinityConfig(Section):
     low_threshold: float = Field(0.3, ge=0, le=1, description="... and of the background pass (between the two: 255)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
 
+    def crf_settings(self, crf: CrfConfig) -> CrfConfig:
+        """The final CRF on the walked maps: ``crf``'s kernels, confidence mode, this section's thresholds."""
+        return crf.model_copy(update={"mode": "confidence", "fg_threshold": self.fg_threshold, "low_threshold": self.low_threshold})
+
     @model_validator(mode="after")
     def _check(self) -> "AffinityConfig":
         if self.low_threshold > self.fg_threshold:

@@ -16,6 +16,28 @@ from wsss.io import IGNORE, read_mask, write_json, write_text
 from wsss.log import progress
 
 
+def mask_counts(gt: np.ndarray, pred: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """What one mask ``pred (H, W)`` adds to a score against ``gt (H, W)``: the confusion matrix
+    ``(k, k)`` on the pixels both keep, the one with ignored (255) predictions as background, and the
+    numbers of valid and kept ground-truth pixels. Sum them over images for :func:`mask_scores`."""
+    g = gt != IGNORE
+    return (confusion(gt, pred, k), confusion(gt, np.where(pred == IGNORE, 0, pred).astype(np.uint8), k),
+            int(g.sum()), int((g & (pred != IGNORE)).sum()))
+
+
+def mask_scores(cm: np.ndarray, cm_bg: np.ndarray, valid: int, kept: int, classes: Sequence[str]) -> dict:
+    """mIoU (%) on kept pixels, kept share (%), mIoU with ignored pixels as background, per-class IoU
+    (kept pixels) and the confusion matrix, from summed :func:`mask_counts`."""
+    iou = iou_from_confusion(cm)
+    return {
+        "mIoU": round(100 * float(np.nanmean(iou)), 2),
+        "kept_share": round(100 * kept / max(valid, 1), 2),
+        "mIoU_ignored_as_bg": round(100 * float(np.nanmean(iou_from_confusion(cm_bg))), 2),
+        "per_class_iou": {c: (None if v != v else round(100 * float(v), 2)) for c, v in zip(classes, iou)},
+        "confusion": cm.tolist(),
+    }
+
+
 def evaluate_masks(mask_dir: str | Path, ds: Dataset, ids: Sequence[str] | None = None) -> dict:
     """Score pseudo-masks ``<id>.png`` against ground truth on the pixels both keep (neither is 255).
 
@@ -39,20 +61,12 @@ def evaluate_masks(mask_dir: str | Path, ds: Dataset, ids: Sequence[str] | None 
         pred = read_mask(mask_dir / f"{sid}.png", num_classes=k)
         if pred.shape != gt.shape:
             raise DataError(f"mask size {pred.shape} differs from the ground truth's {gt.shape}", mask_dir / f"{sid}.png")
-        g = gt != IGNORE
-        valid += int(g.sum())
-        kept += int((g & (pred != IGNORE)).sum())
-        cm += confusion(gt, pred, k)
-        cm_bg += confusion(gt, np.where(pred == IGNORE, 0, pred).astype(np.uint8), k)
-    iou = iou_from_confusion(cm)
-    return {
-        "images": len(ids),
-        "mIoU": round(100 * float(np.nanmean(iou)), 2),
-        "kept_share": round(100 * kept / max(valid, 1), 2),
-        "mIoU_ignored_as_bg": round(100 * float(np.nanmean(iou_from_confusion(cm_bg))), 2),
-        "per_class_iou": {c: (None if v != v else round(100 * float(v), 2)) for c, v in zip(ds.classes, iou)},
-        "confusion": cm.tolist(),
-    }
+        c, c_bg, v, kp = mask_counts(gt, pred, k)
+        cm += c
+        cm_bg += c_bg
+        valid += v
+        kept += kp
+    return {"images": len(ids), **mask_scores(cm, cm_bg, valid, kept, ds.classes)}
 
 
 def write_mask_report(result: dict, classes: Sequence[str], out_dir: str | Path) -> None:

@@ -44,9 +44,10 @@ def section(cfg: Config) -> dict:
             "crf": {k: v for k, v in config_to_dict(cfg.crf).items() if k not in UNKEYED}, "seed": cfg.run.seed}
 
 
-#: what the head and the walk produce; kept when only the thresholds of the final CRF change (see ``_walk_key``)
-WALK_OUTPUTS = ("head.pt", "checkpoint.pt", "log.csv", "maps")
 WALK_MARKER = ".walk_key"
+#: what the head and the walk produce (the table row's ``keep``); kept when only the thresholds of the
+#: final CRF change (see ``_walk_key``)
+WALK_OUTPUTS = tuple(name for name in get_stage("affinity").keep if name != WALK_MARKER)
 
 
 def _walk_key(ctx: StageContext) -> str:
@@ -101,7 +102,7 @@ def run(ctx: StageContext) -> dict:
     walked = walk_maps(backbone, head, ds, maps_folder(cfg, ctx.run_dir, source), maps, a, meta["mean"], meta["std"], device)
     t_walk = time.perf_counter() - t0
     t0 = time.perf_counter()
-    crf_cfg = cfg.crf.model_copy(update={"mode": "confidence", "fg_threshold": a.fg_threshold, "low_threshold": a.low_threshold})
+    crf_cfg = a.crf_settings(cfg.crf)
     masks.mkdir(parents=True, exist_ok=True)
     jobs, _ = crf_jobs(ds, maps, masks)
     run_crf(jobs, crf_cfg, ds.num_classes, desc="affinity: crf")

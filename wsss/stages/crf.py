@@ -74,20 +74,17 @@ def sweep(cfg: Config, run_dir: Path, workers: int | None = None, maps: str = "c
     ``RUN/crf_sweep/``) or on the affinity stage's walked maps (``maps="affinity"``: confidence mode from
     the affinity section's thresholds, into ``RUN/crf_sweep_affinity/``)."""
     if maps == "affinity":
-        folder = maps_folder(cfg, run_dir, "affinity")
         if read_manifest(folder_of(cfg, run_dir, "affinity")) is None:
             raise WsssError("no finished affinity stage in this run directory to sweep on; run `wsss affinity CONFIG` first", run_dir)
-        crf = cfg.crf.model_copy(update={"mode": "confidence", "fg_threshold": cfg.affinity.fg_threshold,
-                                         "low_threshold": cfg.affinity.low_threshold})
-        ds = open_split(run_dir, cfg.cam.split)
-        return sweep_crf(crf, ds, folder, run_dir / "crf_sweep_affinity", "affinity", workers=workers, threshold_section="affinity")
-    if maps != "crf":
+        source, crf, out, section = "affinity", cfg.affinity.crf_settings(cfg.crf), run_dir / "crf_sweep_affinity", "affinity"
+    elif maps == "crf":
+        source, crf, out, section = cam_source(cfg, run_dir), cfg.crf, run_dir / "crf_sweep", "crf"
+        if read_manifest(maps_folder(cfg, run_dir, source)) is None:
+            raise WsssError(f"no finished {source} stage in this run directory to sweep on", run_dir)
+    else:
         raise WsssError(f"unknown maps to sweep on '{maps}' (crf, affinity)")
-    source = cam_source(cfg, run_dir)
-    if read_manifest(maps_folder(cfg, run_dir, source)) is None:
-        raise WsssError(f"no finished {source} stage in this run directory to sweep on", run_dir)
     ds = open_split(run_dir, cfg.cam.split)
-    return sweep_crf(cfg.crf, ds, maps_folder(cfg, run_dir, source), run_dir / "crf_sweep", source, workers=workers)
+    return sweep_crf(crf, ds, maps_folder(cfg, run_dir, source), out, source, workers=workers, threshold_section=section)
 
 
 def summary(cfg: Config, run_dir: Path, outcome: StageOutcome) -> str:
