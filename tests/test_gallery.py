@@ -111,12 +111,13 @@ def test_run_writes_report(tmp_path, run_cli):
 
     run = _tiny_run(tmp_path, run_cli)
     (run / "eval").mkdir()
-    (run / "eval" / "summary.json").write_text('{"crf": {"mIoU": 61.5, "kept_share": 80.0, "per_class_iou": '
-                                              '{"background": 90.0, "cat": 50.0, "dog": 44.5}}}')
+    (run / "eval" / "summary.json").write_text('{"crf": {"mIoU": 61.5, "kept_share": 80.0, "mIoU_ignored_as_bg": 55.3, '
+                                              '"per_class_iou": {"background": 90.0, "cat": 50.0, "dog": 44.5}}}')
     rep = write_report(run)
     assert [s["stage"] for s in rep["stages"]] == ["data", "cam"]
     page = (run / "report.html").read_text()
-    assert "pseudo-masks mIoU 61.5 on kept pixels, 80.0% kept" in page and "data:image/png;base64," in page
+    assert ("pseudo-masks mIoU 61.5 on kept pixels, 80.0% kept; 55.3 with ignored pixels as background" in page
+            and "data:image/png;base64," in page)
     assert "&lt;x&gt;" in render_html(rep | {"run": "<x>"})
 
 

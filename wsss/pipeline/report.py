@@ -103,7 +103,9 @@ def _metric_text(key: str, r: dict[str, Any]) -> str:
     if key in ("seg", "seg_gt"):
         return f"{METRIC_LABELS[key]} mIoU {r['mIoU']:.1f} on {r.get('split', 'val')}"
     if "kept_share" in r:
-        return f"pseudo-masks mIoU {r['mIoU']:.1f} on kept pixels, {r['kept_share']:.1f}% kept"
+        every = r.get("mIoU_ignored_as_bg")  # absent from summaries written before it existed
+        tail = "" if every is None else f"; {every:.1f} with ignored pixels as background"
+        return f"pseudo-masks mIoU {r['mIoU']:.1f} on kept pixels, {r['kept_share']:.1f}% kept{tail}"
     return (f"{METRIC_LABELS[key]} mIoU {r['mIoU']:.1f} at threshold {r['best_threshold']:.2f} "
             f"(fg precision {r['fg_precision']:.1f}, recall {r['fg_recall']:.1f})")
 
@@ -158,7 +160,7 @@ def _plots(report: dict[str, Any]) -> dict[str, str]:
                    label=METRIC_LABELS.get(name, name))
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(classes))], classes, rotation=30, ha="right")
         ax.set_ylabel("IoU (%)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, never over them
         out["per_class"] = _png(fig)
     return out
 
