@@ -117,6 +117,26 @@ def test_refine_maps_shapes_range_and_edges():
         refine_maps(np.zeros((1, 60, 36), np.float32), emb, 2, 8.0, 10)
 
 
+def test_refine_maps_image_normalisation_keeps_a_washed_out_class_weak():
+    emb = two_region_embedding(h=4, w=5, split=2)
+    cams = np.zeros((2, 30, 36), np.float32)
+    cams[0, :, :14] = 1.0  # fills the left region: the walk keeps it
+    cams[1, 2:6, 20:24] = 1.0  # one small blob in the right region: the walk averages it out
+    before = cams.copy()
+    per_class = refine_maps(cams, emb, radius=2, beta=8.0, steps=100)
+    per_image = refine_maps(cams, emb, radius=2, beta=8.0, steps=100, normalise="image")
+    assert np.array_equal(cams, before)
+    assert per_image.shape == cams.shape and per_image.dtype == np.float32 and np.isfinite(per_image).all()
+    assert np.isclose(per_image.max(), 1.0) and per_image.min() >= 0
+    # same maps up to one factor per class; the blob's class is stretched to 1 per class, not per image
+    assert np.allclose(per_image[0], per_class[0], atol=1e-5)
+    assert per_class[1].max() == pytest.approx(1.0) and per_image[1].max() < 0.5
+    ratio = per_image[1][per_class[1] > 0.1] / per_class[1][per_class[1] > 0.1]
+    assert np.allclose(ratio, ratio[0], rtol=1e-4)
+    with pytest.raises(ValueError, match="normalise"):
+        refine_maps(cams, emb, 2, 8.0, 10, normalise="pixel")
+
+
 def test_affinity_head_shapes_and_gradient():
     head = AffinityHead([8, 16, 32], width=8, dim=5)
     levels = [torch.randn(2, 8, 10, 13), torch.randn(2, 16, 5, 7), torch.randn(2, 32, 3, 4)]

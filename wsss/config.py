@@ -346,6 +346,8 @@ class AffinityConfig(Section):
     radius: int = Field(5, ge=1, le=12, description="pairs within this many stride-8 cells (training and walk)")
     beta: float = Field(16.0, gt=0, description="the walk uses affinity ** beta (sharper edges)")
     steps: int = Field(256, ge=1, description="random-walk steps")
+    normalise: Literal["class", "image"] = Field(
+        "class", description="walked maps divided by each class's own maximum, or all by the image's largest (IRN)")
     fg_threshold: float = Field(0.5, ge=0, le=1, description="CRF confidence mode on the walked maps: background score of the foreground pass")
     low_threshold: float = Field(0.3, ge=0, le=1, description="... and of the background pass (between the two: 255)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")

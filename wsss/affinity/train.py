@@ -119,6 +119,6 @@ def walk_maps(backbone, head: AffinityHead, ds: Dataset, cam_dir: Path, out_dir:
                             cam_dir / f"{s.id}.npz")
         with torch.no_grad():
             emb = embed(backbone, head, _input(image, mean, std, device)).cpu()
-        save_cam(out_dir / f"{s.id}.npz", classes, refine_maps(cams, emb, cfg.radius, cfg.beta, cfg.steps))
+        save_cam(out_dir / f"{s.id}.npz", classes, refine_maps(cams, emb, cfg.radius, cfg.beta, cfg.steps, cfg.normalise))
     return len(todo)
 
