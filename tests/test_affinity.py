@@ -148,32 +148,43 @@ def test_affinity_head_shapes_and_gradient():
         head(levels[:2], (5, 7))
 
 
-def test_walk_key_ignores_only_the_final_crf_thresholds(tmp_path):
-    """The head and walked maps are reused across runs that differ only in the final CRF's thresholds;
-    any other affinity setting, the seed or an input makes new ones (and a stale folder is emptied)."""
+def test_head_and_walk_keys_ignore_only_what_they_do_not_read(tmp_path):
+    """The head is reused across runs that differ only in the walk's settings or the final CRF's
+    thresholds, the walked maps only across the thresholds; any other affinity setting, the seed or an
+    input makes new ones (and stale files are removed)."""
     from types import SimpleNamespace
 
     from wsss.config import load_config
-    from wsss.stages.affinity import WALK_MARKER, _keep_walk_outputs, _walk_key
+    from wsss.stages.affinity import HEAD_MARKER, HEAD_OUTPUTS, WALK_MARKER, WALK_OUTPUTS, _keep_outputs, _keys
 
-    def key(*over, crf_key="c1"):
+    def keys(*over, crf_key="c1"):
         cfg = load_config(None, ["crf.source=cam", *over])
         ctx = SimpleNamespace(cfg=cfg, run_dir=tmp_path, manifest_key=lambda name, hint: {"crf": crf_key}.get(name, name))
-        return _walk_key(ctx)
+        return _keys(ctx)
 
-    base = key()
-    assert key("affinity.fg_threshold=0.6", "affinity.low_threshold=0.1") == base == key("affinity.device=cpu")
-    assert key("crf.fg_threshold=0.5") == base  # the crf section reaches the head only through the crf stage's key
-    for other in (key("affinity.beta=8"), key("affinity.epochs=3"), key("run.seed=1"), key(crf_key="c2")):
-        assert other != base
+    head, walk = keys()
+    assert keys("affinity.fg_threshold=0.6", "affinity.low_threshold=0.1") == (head, walk) == keys("affinity.device=cpu")
+    assert keys("crf.fg_threshold=0.5") == (head, walk)  # the crf section reaches the head only through the crf stage's key
+    for walk_only in ("affinity.beta=8", "affinity.steps=64", "affinity.normalise=image"):
+        h, w = keys(walk_only)
+        assert h == head and w != walk, walk_only
+    for other in (keys("affinity.epochs=3"), keys("affinity.radius=3"), keys("run.seed=1"), keys(crf_key="c2")):
+        assert other[0] != head and other[1] != walk
 
     out = tmp_path / "affinity"
     (out / "maps").mkdir(parents=True)
     (out / "maps" / "a.npz").write_bytes(b"x")
     (out / "head.pt").write_bytes(b"x")
-    (out / WALK_MARKER).write_text(base + "\n")
-    assert _keep_walk_outputs(out, base, force=False) and (out / "head.pt").is_file()
-    assert not _keep_walk_outputs(out, base, force=True) and not (out / "head.pt").exists() and not (out / "maps").exists()
+    (out / HEAD_MARKER).write_text(head + "\n")
+    (out / WALK_MARKER).write_text(walk + "\n")
+    # another walk length: the head stays, the maps go
+    h, w = keys("affinity.steps=64")
+    assert _keep_outputs(out, HEAD_MARKER, HEAD_OUTPUTS, h, force=False) and (out / "head.pt").is_file()
+    assert not _keep_outputs(out, WALK_MARKER, WALK_OUTPUTS, w, force=False) and not (out / "maps").exists()
+    assert (out / WALK_MARKER).read_text().strip() == w
+    # force, or a new head key, removes the head too
+    assert not _keep_outputs(out, HEAD_MARKER, HEAD_OUTPUTS, h, force=True) and not (out / "head.pt").exists()
     (out / "head.pt").write_bytes(b"x")
-    assert not _keep_walk_outputs(out, key("affinity.beta=8"), force=False) and not (out / "head.pt").exists()
-    assert (out / WALK_MARKER).read_text().strip() == key("affinity.beta=8")
+    h2, _ = keys("affinity.epochs=3")
+    assert not _keep_outputs(out, HEAD_MARKER, HEAD_OUTPUTS, h2, force=False) and not (out / "head.pt").exists()
+    assert (out / HEAD_MARKER).read_text().strip() == h2

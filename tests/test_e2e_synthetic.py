@@ -105,6 +105,14 @@ def test_affinity_stage_through_the_cli(demo_run, capsys):
     assert {p.relative_to(out): p.stat().st_mtime_ns for p in [out / "head.pt", *(out / "maps").glob("*.npz")]} == before
     assert (out / "masks" / "stats.csv").read_text() != masks_before
     assert len(list((out / "masks").glob("*.png"))) == 500
+    # another walk setting: the head is reused, the maps are walked again
+    head_before = (out / "head.pt").stat().st_mtime_ns
+    maps_before = {p.name: p.read_bytes() for p in (out / "maps").glob("*.npz")}
+    assert main(["affinity", *args, "affinity.normalise=image"]) == 0
+    assert (out / "head.pt").stat().st_mtime_ns == head_before
+    maps_after = {p.name: p.read_bytes() for p in (out / "maps").glob("*.npz")}
+    assert maps_after.keys() == maps_before.keys() and maps_after != maps_before
+    assert len(list((out / "masks").glob("*.png"))) == 500
 
 
 def test_segmenter_learns_from_the_pseudo_masks(demo_run):

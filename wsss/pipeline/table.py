@@ -77,7 +77,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("affinity", "affinity", "affinity", ("train-cls", "crf", "cam"), "classifier.pt, crf/*.png, the maps crf read",
           "maps/<id>.npz, masks/<id>.png", "learn pixel affinities from the pseudo-masks, random-walk the CAMs, CRF them again",
           maps="maps", masks="masks", enabled=lambda cfg: cfg.affinity.enabled, required=("masks/stats.csv",),
-          keep=("head.pt", "checkpoint.pt", "log.csv", "maps", ".walk_key")),  # under their own key (wsss.stages.affinity)
+          keep=("head.pt", "checkpoint.pt", "log.csv", "maps", ".head_key", ".walk_key")),  # under their own key (wsss.stages.affinity)
     Stage("train-seg", "seg", "train_seg", ("data", "crf"), "images + pseudo-masks (crf/ or affinity/masks/; or ground truth)",
           "segmenter.pt", "train a DeepLab segmenter on the pseudo-masks (or the ground truth: --masks gt)",
           folder_gt="seg_gt", required=("segmenter.pt",), distributed=True),

@@ -7,8 +7,9 @@ training labels: only their confident pixels) and the maps the crf stage refined
 ``RUN/expand``). Never reads ground truth. Output folder ``RUN/affinity/``: ``head.pt`` (checkpoint.pt
 while training), ``log.csv``, ``maps/<id>.npz`` (the format of RUN/cam), ``masks/<id>.png`` +
 ``stats.csv`` (what train-seg reads). Training resumes per epoch, the walk and the CRF per file. The
-head and the walked maps are kept across a change of the final CRF's thresholds alone (their own key,
-``.walk_key``), so only the CRF re-runs.
+head and the walked maps carry their own keys (``.head_key``, ``.walk_key``): a change of the final
+CRF's thresholds alone re-runs only the CRF, one of the walk's settings (beta, steps, normalise) the
+walk and the CRF but not the training.
 """
 
 from __future__ import annotations
@@ -44,29 +45,32 @@ def section(cfg: Config) -> dict:
             "crf": {k: v for k, v in config_to_dict(cfg.crf).items() if k not in UNKEYED}, "seed": cfg.run.seed}
 
 
-WALK_MARKER = ".walk_key"
-#: what the head and the walk produce (the table row's ``keep``); kept when only the thresholds of the
-#: final CRF change (see ``_walk_key``)
-WALK_OUTPUTS = tuple(name for name in get_stage("affinity").keep if name != WALK_MARKER)
+HEAD_MARKER, WALK_MARKER = ".head_key", ".walk_key"
+#: what the head's training and the walk produce (in the table row's ``keep``), each under its own key
+HEAD_OUTPUTS, WALK_OUTPUTS = ("head.pt", "checkpoint.pt", "log.csv"), ("maps",)
+#: affinity settings only the walk reads: changing them keeps the trained head
+WALK_ONLY = ("beta", "steps", "normalise")
 
 
-def _walk_key(ctx: StageContext) -> str:
-    """The key of the head and the walked maps: the stage's inputs, the seed and every affinity setting
-    except the final CRF's (its thresholds; the crf kernels are not in it at all). Trying other thresholds
-    then re-runs only the CRF."""
+def _keys(ctx: StageContext) -> tuple[str, str]:
+    """The keys of the head and of the walked maps. The head's: the stage's inputs, the seed and every
+    affinity setting the training reads; the walk's: the head's key and the walk's own settings. Neither
+    holds the final CRF's thresholds (the crf kernels are not in them at all), so trying other thresholds
+    re-runs only the CRF, and another walk length re-runs the walk but not the training."""
     a = {k: v for k, v in config_to_dict(ctx.cfg.affinity).items() if k not in ("device", "fg_threshold", "low_threshold")}
-    return config_hash({"inputs": inputs(ctx), "affinity": a, "seed": ctx.cfg.run.seed})
+    head = config_hash({"inputs": inputs(ctx), "affinity": {k: v for k, v in a.items() if k not in WALK_ONLY}, "seed": ctx.cfg.run.seed})
+    return head, config_hash({"head": head, "walk": {k: a[k] for k in WALK_ONLY}})
 
 
-def _keep_walk_outputs(out: Path, key: str, force: bool) -> bool:
-    """Remove the head and walked maps unless ``out`` marks them as made with ``key`` (and not ``force``);
-    mark the folder with ``key`` before anything new is written. True when they were kept."""
+def _keep_outputs(out: Path, marker_name: str, names: tuple[str, ...], key: str, force: bool) -> bool:
+    """Remove ``out``'s ``names`` unless its marker file says they were made with ``key`` (and not
+    ``force``); write the marker before anything new is made. True when they were kept."""
     import shutil
 
-    marker = out / WALK_MARKER
+    marker = out / marker_name
     kept = not force and marker.is_file() and marker.read_text().strip() == key
     if not kept:
-        for name in WALK_OUTPUTS:
+        for name in names:
             f = out / name
             shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
         write_text(marker, key + "\n")
@@ -75,9 +79,11 @@ def _keep_walk_outputs(out: Path, key: str, force: bool) -> bool:
 
 def run(ctx: StageContext) -> dict:
     cfg, a, out = ctx.cfg, ctx.cfg.affinity, ctx.out
-    reused = _keep_walk_outputs(out, _walk_key(ctx), ctx.force)
-    if reused and (out / "head.pt").is_file():
-        log.info("affinity: head and walked maps made with the same settings and inputs are reused (only the final CRF "
+    head_key, walk_key = _keys(ctx)
+    if _keep_outputs(out, HEAD_MARKER, HEAD_OUTPUTS, head_key, ctx.force) and (out / "head.pt").is_file():
+        log.info("affinity: the head trained with the same settings and inputs is reused")
+    if _keep_outputs(out, WALK_MARKER, WALK_OUTPUTS, walk_key, ctx.force) and (out / "maps").is_dir():
+        log.info("affinity: walked maps made with the same head and walk settings are reused (only the final CRF "
                  "thresholds differ or a run resumes)")
     source = cam_source(cfg, ctx.run_dir)
     ds = ctx.split(cfg.cam.split)
