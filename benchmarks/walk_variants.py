@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from wsss.affinity.core import GRID_STRIDE, random_walk, refine_maps, transition_matrix
+from wsss.affinity.core import refine_maps, walk_full_resolution
 from wsss.affinity.train import _input, embed, load_affinity_head
 from wsss.camfile import load_cam
 from wsss.config import load_config
@@ -34,14 +33,6 @@ from wsss.pipeline.runner import open_split
 from wsss.pipeline.table import cam_source, maps_folder
 
 
-def _grid(cams: np.ndarray, h: int, w: int) -> torch.Tensor:
-    """``(k, H, W)`` maps -> their means over the stride-8 cells ``(k, h, w)``."""
-    k, H, W = cams.shape
-    pad = torch.zeros(1, k, h * GRID_STRIDE, w * GRID_STRIDE)
-    pad[0, :, :H, :W] = torch.from_numpy(cams)
-    return F.avg_pool2d(pad, GRID_STRIDE)[0]
-
-
 def walk_variant(name: str, cams: np.ndarray, emb: torch.Tensor, radius: int, beta: float, steps: int) -> np.ndarray:
     """Walked maps ``(k, H, W)`` in [0, 1] of ``cams (k, H, W)`` for one variant name."""
     kind, _, arg = name.partition(":")
@@ -51,12 +42,8 @@ def walk_variant(name: str, cams: np.ndarray, emb: torch.Tensor, radius: int, be
         return refine_maps(cams ** float(arg), emb, radius, beta, steps)
     if kind != "bg":
         raise ValueError(f"unknown variant {name!r} (class, image, bg:A, power:G)")
-    k, H, W = cams.shape
-    h, w = emb.shape[-2:]
     bg = (1.0 - cams.max(0, keepdims=True)) ** float(arg)
-    walked = random_walk(_grid(np.concatenate([bg, cams]), h, w), transition_matrix(emb.float(), radius, beta), steps)
-    up = F.interpolate(walked[None], size=(h * GRID_STRIDE, w * GRID_STRIDE), mode="bilinear", align_corners=False)[0, :, :H, :W]
-    up = up.clamp_min(0)
+    up = walk_full_resolution(np.concatenate([bg, cams]), emb, radius, beta, steps)
     return (up[1:] / (up[1:] + up[:1]).clamp_min(1e-6)).numpy()
 
 

@@ -157,17 +157,10 @@ def random_walk(maps: torch.Tensor, transition: torch.Tensor, steps: int) -> tor
 NORMALISE = ("class", "image")
 
 
-def refine_maps(cams: np.ndarray, emb: torch.Tensor, radius: int, beta: float, steps: int,
-                normalise: str = "class") -> np.ndarray:
-    """Full-resolution CAMs ``(k, H, W)`` in [0, 1] -> random-walked maps ``(k, H, W)`` float32 in [0, 1].
-    ``emb (D, h, w)``: the image's embedding on its stride-8 grid. ``normalise``: ``"class"`` divides each
-    walked map by its own maximum, ``"image"`` all of them by the largest (IRN's choice): a class whose
-    few confident cells the walk averages away then stays weak instead of being stretched back to 1."""
-    if normalise not in NORMALISE:
-        raise ValueError(f"normalise must be one of {', '.join(NORMALISE)}, got {normalise!r}")
+def walk_full_resolution(cams: np.ndarray, emb: torch.Tensor, radius: int, beta: float, steps: int) -> torch.Tensor:
+    """Full-resolution maps ``(k, H, W)`` -> walked maps ``(k, H, W)`` float32, non-negative, not
+    normalised: averaged over the stride-8 cells of ``emb (D, h, w)``, walked, upsampled bilinearly."""
     k, H, W = cams.shape
-    if k == 0:
-        return cams.astype(np.float32)
     h, w = emb.shape[-2:]
     if (h, w) != grid_size(H, W):
         raise ValueError(f"embedding grid {h}x{w} does not match the {H}x{W} maps (expected {grid_size(H, W)})")
@@ -176,6 +169,20 @@ def refine_maps(cams: np.ndarray, emb: torch.Tensor, radius: int, beta: float, s
     small = F.avg_pool2d(pad, GRID_STRIDE)[0]
     walked = random_walk(small, transition_matrix(emb.float(), radius, beta), steps)
     up = F.interpolate(walked[None], size=(h * GRID_STRIDE, w * GRID_STRIDE), mode="bilinear", align_corners=False)[0, :, :H, :W]
-    up = up.clamp_min(0)
+    return up.clamp_min(0)
+
+
+def refine_maps(cams: np.ndarray, emb: torch.Tensor, radius: int, beta: float, steps: int,
+                normalise: str = "class") -> np.ndarray:
+    """Full-resolution CAMs ``(k, H, W)`` in [0, 1] -> random-walked maps ``(k, H, W)`` float32 in [0, 1].
+    ``emb (D, h, w)``: the image's embedding on its stride-8 grid. ``normalise``: ``"class"`` divides each
+    walked map by its own maximum, ``"image"`` all of them by the largest (IRN's choice): a class whose
+    few confident cells the walk averages away then stays weak instead of being stretched back to 1."""
+    if normalise not in NORMALISE:
+        raise ValueError(f"normalise must be one of {', '.join(NORMALISE)}, got {normalise!r}")
+    k = cams.shape[0]
+    if k == 0:
+        return cams.astype(np.float32)
+    up = walk_full_resolution(cams, emb, radius, beta, steps)
     peak = up.flatten(1).amax(1) if normalise == "class" else up.max().expand(k)
     return (up / peak.clamp_min(1e-5)[:, None, None]).numpy()

@@ -46,8 +46,9 @@ def section(cfg: Config) -> dict:
 
 
 HEAD_MARKER, WALK_MARKER = ".head_key", ".walk_key"
-#: what the head's training and the walk produce (in the table row's ``keep``), each under its own key
-HEAD_OUTPUTS, WALK_OUTPUTS = ("head.pt", "checkpoint.pt", "log.csv"), ("maps",)
+#: what the walk and the head's training produce (the rest of the table row's ``keep``), each under its own key
+WALK_OUTPUTS = (get_stage("affinity").maps,)
+HEAD_OUTPUTS = tuple(n for n in get_stage("affinity").keep if n not in (*WALK_OUTPUTS, HEAD_MARKER, WALK_MARKER))
 #: affinity settings only the walk reads: changing them keeps the trained head
 WALK_ONLY = ("beta", "steps", "normalise")
 
