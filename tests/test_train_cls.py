@@ -33,9 +33,10 @@ def test_train_writes_artifacts_and_loads_safely(tiny_data, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp files left behind"
 
 
-def test_resume_continues_exactly(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_continues_exactly(tiny_data, tmp_path, monkeypatch, ema_decay):
     tr, va = tiny_data
-    cfg = TrainClsConfig(**CFG)
+    cfg = TrainClsConfig(**CFG, ema_decay=ema_decay)
     train_classifier(cfg, tr, tmp_path / "a", seed=3)
     full = torch.load(tmp_path / "a" / "classifier.pt", weights_only=True)["model"]
 
@@ -56,6 +57,12 @@ def test_resume_continues_exactly(tiny_data, tmp_path, monkeypatch):
     train_classifier(cfg, tr, tmp_path / "b", seed=3, resume=True)
     resumed = torch.load(tmp_path / "b" / "classifier.pt", weights_only=True)["model"]
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    if ema_decay:  # the model file holds the average, the checkpoint also the last weights to resume from
+        assert all(torch.equal(full[k], ck["ema"][f"module.{k}"]) for k in full)
+        assert not torch.equal(full["classifier.weight"], ck["model"]["classifier.weight"])
+    else:
+        assert "ema" not in ck and all(torch.equal(full[k], ck["model"][k]) for k in full)
 
 
 def test_resume_refuses_changed_recipe(tiny_data, tmp_path):
@@ -103,3 +110,60 @@ def test_poly_lr():
     assert poly_lr(1.0, 0, 100) == 1.0
     assert 0 < poly_lr(1.0, 99, 100) < 0.02
     assert poly_lr(1.0, 0, 100, warmup=10) == pytest.approx(0.1)
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """12 fixed (x (3,), y (1,)) pairs for a linear model."""
+
+    epoch = 0
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(12, 3, generator=g), torch.randn(12, 1, generator=g)
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+def _fit_linear(tmp_path, ema_decay: float, seen: list, evaluated: list) -> torch.nn.Module:
+    """Two epochs of 3 SGD steps on a linear model; ``seen`` gets the weight each step starts from,
+    ``evaluated`` the weight ``evaluate`` sees after each epoch."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD([{"params": list(model.parameters()), "base_lr": 0.1}], lr=0.1)
+
+    def loss_fn(m, x, y):
+        seen.append(m.weight.detach().clone())
+        return ((m(x) - y) ** 2).mean()
+
+    cfg = TrainClsConfig(**{**CFG, "optimizer": "sgd", "lr": 0.1, "ema_decay": ema_decay})
+    core.fit(model, opt, _Pairs(), loss_fn, cfg, tmp_path, name="t", device=torch.device("cpu"), resume=False,
+             steps_per_epoch=3, batches=lambda e: [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]],
+             evaluate=lambda e: evaluated.append(model.weight.detach().clone()) or {})
+    return model
+
+
+def test_ema_is_the_moving_average_of_the_steps_and_leaves_training_alone(tmp_path):
+    plain_seen, ema_seen, plain_eval, ema_eval = [], [], [], []
+    plain = _fit_linear(tmp_path / "a", 0.0, plain_seen, plain_eval)
+    averaged = _fit_linear(tmp_path / "b", 0.5, ema_seen, ema_eval)
+    # the steps themselves are the same: evaluating on the average put the own weights back
+    assert len(ema_seen) == 6 and all(torch.equal(a, b) for a, b in zip(plain_seen, ema_seen))
+    after_step = plain_seen[1:] + [plain.weight.detach()]  # weights after steps 1..6
+    expected, per_epoch = after_step[0].clone(), []
+    for k, w in enumerate(after_step[1:], start=2):
+        expected = 0.5 * expected + 0.5 * w
+        if k % 3 == 0:
+            per_epoch.append(expected.clone())
+    assert torch.allclose(averaged.weight, expected, atol=1e-7)
+    assert not torch.allclose(averaged.weight, plain.weight, atol=1e-4)
+    assert torch.allclose(ema_eval[0], per_epoch[0], atol=1e-7) and torch.allclose(ema_eval[1], per_epoch[1], atol=1e-7)
+    assert torch.equal(plain_eval[1], plain.weight.detach())
+
+
+def test_ema_decay_must_be_below_one():
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainClsConfig(ema_decay=1.0)

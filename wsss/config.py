@@ -108,6 +108,8 @@ class TrainCommon(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_iters: int = Field(0, ge=0, description="linear warm-up iterations before poly decay")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="keep an exponential moving average of the weights with this "
+                             "decay per step and save it instead of the last weights (0 = off)")
     crop_size: int = Field(128, ge=16, description="training crop side (pixels)")
     resize_long: int | None = Field(None, ge=16, description="resize the long side to this before augmenting")
     scale_range: tuple[float, float] = Field((0.7, 1.3), description="random rescale range")
@@ -532,7 +534,7 @@ def config_from_dict(raw: dict[str, Any], source: str | Path | None = None, over
 
 #: Settings added after runs already existed, whose default reproduces the old behaviour: left out of
 #: dumps (and so of stage hashes) while at that default, so adding them does not invalidate finished stages.
-NEUTRAL_DEFAULTS: dict[str, Any] = {"sync_bn": False, "loss_drop": 0.0, "decoder_channels": None, "labels_only": False}
+NEUTRAL_DEFAULTS: dict[str, Any] = {"sync_bn": False, "loss_drop": 0.0, "ema_decay": 0.0, "decoder_channels": None, "labels_only": False}
 
 
 def _drop_neutral(obj: Any) -> Any:

@@ -10,7 +10,7 @@ import io
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -24,8 +24,8 @@ from wsss.models.checkpoint import freeze_parameters, load_checkpoint, save_chec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["START_OVER", "autocast", "barrier", "broadcast_int", "check_resumable", "distributed_loss", "fit",
-           "freeze_parameters", "init_distributed", "is_main", "load_checkpoint", "make_optimizer", "memory_layout",
+__all__ = ["START_OVER", "autocast", "averaged_weights", "barrier", "broadcast_int", "check_resumable", "distributed_loss", "fit",
+           "freeze_parameters", "init_distributed", "is_main", "load_checkpoint", "make_ema", "make_optimizer", "memory_layout",
            "poly_lr", "rank_batches", "rank_device", "reduce_sum", "resolve_device", "save_checkpoint", "set_train_mode",
            "start_training", "world", "write_log_csv"]
 
@@ -245,6 +245,30 @@ def start_training(cfg: Any, out_dir: Path, seed: int) -> torch.device:
     return device
 
 
+def make_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """torch's exponential moving average of ``model``'s parameters and buffers (``decay`` per
+    optimiser step), or None for ``decay`` 0."""
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+@contextmanager
+def averaged_weights(model: torch.nn.Module, ema: torch.optim.swa_utils.AveragedModel | None):
+    """Inside: ``model`` holds the averaged weights of ``ema``; its own are back afterwards."""
+    if ema is None:
+        yield
+        return
+    own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(ema.module.state_dict())
+    try:
+        yield
+    finally:
+        model.load_state_dict(own)
+
+
 def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, data: torch.utils.data.Dataset,
         loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor | None], cfg: Any, out_dir: Path, *,
         name: str, device: torch.device, steps_per_epoch: int, batches: Callable[[int], Iterable[list[int]]],
@@ -260,8 +284,10 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, data: torch.utils.da
     batch first; ``evaluate(epoch)`` adds fields to the epoch's log row (rank 0 only). With ``resume`` an
     existing checkpoint whose ``cfg`` differs only in ``free`` fields is continued, torch's RNG included,
     so a resumed run ends with the weights of an uninterrupted one. Under torchrun the loss runs in
-    DistributedDataParallel and rank 0 checkpoints and logs. Returns ``{"epochs", "iterations", "final",
-    "history"}``; saving the final model file is the caller's.
+    DistributedDataParallel and rank 0 checkpoints and logs. With ``cfg.ema_decay`` > 0 an exponential
+    moving average of the weights follows every step; ``evaluate`` sees it, and ``model`` holds it when
+    ``fit`` returns (the checkpoint keeps both, so a resumed run averages the same). Returns ``{"epochs",
+    "iterations", "final", "history"}``; saving the final model file is the caller's.
     """
     from wsss.config import config_to_dict
 
@@ -269,6 +295,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, data: torch.utils.da
     settings = config_to_dict(cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16" and device.type == "cuda")
     start_epoch, it, history = 0, 0, []
+    ema = make_ema(model, getattr(cfg, "ema_decay", 0.0))
     if resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path, START_OVER)
         check_resumable(ck, settings, section or name, set(free), ckpt_path)
@@ -277,6 +304,8 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, data: torch.utils.da
         scaler.load_state_dict(ck.get("scaler", {}) or scaler.state_dict())
         if "rng" in ck:
             torch.set_rng_state(ck["rng"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
         start_epoch, it, history = ck["epoch"], ck["iteration"], list(ck["history"])
         log.info("%s: resumed from %s at epoch %d", name, ckpt_path, start_epoch)
     max_it = steps_per_epoch * cfg.epochs
@@ -304,6 +333,8 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, data: torch.utils.da
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
+            if ema is not None:
+                ema.update_parameters(model)
             total += float(loss.detach()) * len(x)
             n += len(x)
             bar.set_postfix(loss=f"{total / n:.4f}")
@@ -315,13 +346,17 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, data: torch.utils.da
             barrier()
             continue
         if evaluate is not None:
-            row.update(evaluate(epoch))
+            with averaged_weights(model, ema):
+                row.update(evaluate(epoch))
         row["seconds"] = round(time.time() - t0, 2)
         history.append(row)
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                                     "rng": torch.get_rng_state(), "epoch": epoch + 1, "iteration": it, "config": settings,
-                                    "history": history, "meta": dict(meta or {})})
+                                    "history": history, "meta": dict(meta or {}),
+                                    **({"ema": ema.state_dict()} if ema is not None else {})})
         write_log_csv(out_dir / "log.csv", history)
         log.info("%s epoch %d/%d: %s", name, epoch + 1, cfg.epochs, ", ".join(f"{k} {v}" for k, v in row.items() if k != "epoch"))
         barrier()
+    if ema is not None:
+        model.load_state_dict(ema.module.state_dict())
     return {"epochs": cfg.epochs, "iterations": it, "final": history[-1] if history else {}, "history": history}
