@@ -383,3 +383,6 @@ def test_masks_are_also_scored_with_ignored_pixels_as_background(tmp_path):
     res = evaluate_masks(tmp_path / "m", ds)
     assert res["mIoU"] == 100.0 and res["kept_share"] < 100  # perfect on the pixels it keeps
     assert res["mIoU_ignored_as_bg"] < 60  # but the object is lost when ignored pixels count as background
+    # no kept pixel is cat, so the kept-pixel IoU has nothing to score; on every pixel the cat is missed
+    assert res["per_class_iou"]["cat"] is None and res["per_class_iou_ignored_as_bg"]["cat"] == 0.0
+    assert res["per_class_iou_ignored_as_bg"]["background"] < 100

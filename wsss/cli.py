@@ -348,8 +348,13 @@ def _cmd_eval_masks(args: argparse.Namespace) -> int:
     _, masks, split, ds, out = _eval_setup(args, args.pred if seg else args.masks, "predict" if seg else "crf")
     res = evaluate_masks(masks, ds)
     write_mask_report(res, ds.classes, out)
+    def cell(v: float | None) -> str:
+        return "    -" if v is None else f"{v:5.1f}"
+    if not seg:
+        print(f"  {'class':<14} {'kept':>5}  every pixel")
     for name, v in res["per_class_iou"].items():
-        print(f"  {name:<14} {'-' if v is None else f'{v:5.1f}'}")
+        both = "" if seg else f"  {cell(res['per_class_iou_ignored_as_bg'][name])}"
+        print(f"  {name:<14} {cell(v)}{both}")
     kept = "" if seg else f" on kept pixels, {res['kept_share']:.1f}% kept ({res['mIoU_ignored_as_bg']:.1f} with ignored pixels as background),"
     print(f"eval {args.eval_command}: mIoU {res['mIoU']:.1f}{kept} {res['images']} {split} images -> {out}")
     return 0

@@ -27,13 +27,17 @@ def mask_counts(gt: np.ndarray, pred: np.ndarray, k: int) -> tuple[np.ndarray, n
 
 def mask_scores(cm: np.ndarray, cm_bg: np.ndarray, valid: int, kept: int, classes: Sequence[str]) -> dict:
     """mIoU (%) on kept pixels, kept share (%), mIoU with ignored pixels as background, per-class IoU
-    (kept pixels) and the confusion matrix, from summed :func:`mask_counts`."""
-    iou = iou_from_confusion(cm)
+    both ways and the confusion matrix (kept pixels), from summed :func:`mask_counts`."""
+    iou, iou_bg = iou_from_confusion(cm), iou_from_confusion(cm_bg)
+
+    def per_class(values: np.ndarray) -> dict:
+        return {c: (None if v != v else round(100 * float(v), 2)) for c, v in zip(classes, values)}
     return {
         "mIoU": round(100 * float(np.nanmean(iou)), 2),
         "kept_share": round(100 * kept / max(valid, 1), 2),
-        "mIoU_ignored_as_bg": round(100 * float(np.nanmean(iou_from_confusion(cm_bg))), 2),
-        "per_class_iou": {c: (None if v != v else round(100 * float(v), 2)) for c, v in zip(classes, iou)},
+        "mIoU_ignored_as_bg": round(100 * float(np.nanmean(iou_bg)), 2),
+        "per_class_iou": per_class(iou),
+        "per_class_iou_ignored_as_bg": per_class(iou_bg),
         "confusion": cm.tolist(),
     }
 
