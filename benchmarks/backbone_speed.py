@@ -1,0 +1,92 @@
+"""Training-step cost of backbones, measured side by side in one run (ratios, not absolute times).
+
+For each backbone: one SGD step (forward, loss, backward, update) of the stage-1 classifier (batch 16,
+256 x 256 crops, as ``configs/voc6_lite0_60min.yaml``) and of the DeepLab v3 segmenter (batch 8, 256 x
+256, output stride 16). The backbones take turns, ``--rounds`` times ``--steps`` steps each, so a slow
+spell of a shared machine hits all of them alike; the median per-step time of each is reported with
+its ratio to the first backbone. Random weights and inputs: the cost does not depend on them.
+
+    python benchmarks/backbone_speed.py --backbones efficientnet_lite0 efficientnet_lite1 efficientnet_lite2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from wsss.engine.core import set_train_mode
+from wsss.models import Classifier, create_backbone
+from wsss.models.segmenter import create_segmenter
+
+
+def _classifier_step(name: str, batch: int, crop: int):
+    model = Classifier(create_backbone(name, pretrained=False, output_stride=16), num_classes=6)
+    model = model.to(memory_format=torch.channels_last)
+    set_train_mode(model, model.backbone, model.backbone.stem_modules(), True, True)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, 3, crop, crop).contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(batch, 6) > 0.5).float()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.binary_cross_entropy_with_logits(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def _segmenter_step(name: str, batch: int, crop: int):
+    model = create_segmenter("deeplabv3", num_classes=7, pretrained=False, backbone=name, output_stride=16)
+    model = model.to(memory_format=torch.channels_last)
+    set_train_mode(model, model.backbone, model.stem_modules(), True, True)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, 3, crop, crop).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 7, (batch, crop, crop))
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--crop", type=int, default=256)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    results = {}
+    for kind, make, batch in (("classifier", _classifier_step, 16), ("segmenter", _segmenter_step, 8)):
+        steps = {b: make(b, batch, args.crop) for b in args.backbones}
+        for fn in steps.values():  # warm-up: allocator and kernel selection
+            fn()
+        times: dict[str, list[float]] = {b: [] for b in args.backbones}
+        for _ in range(args.rounds):
+            for b, fn in steps.items():
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    fn()
+                times[b].append((time.perf_counter() - t0) / args.steps)
+        base = statistics.median(times[args.backbones[0]])
+        results[kind] = {b: {"median_s": round(statistics.median(t), 4),
+                             "ratio": round(statistics.median(t) / base, 3)} for b, t in times.items()}
+        print(f"{kind} (batch {batch}, {args.crop}x{args.crop}), median seconds per training step, ratio to {args.backbones[0]}:")
+        for b, r in results[kind].items():
+            print(f"  {b:24s} {r['median_s']:.3f}  x{r['ratio']:.2f}")
+    print(f"threads: {torch.get_num_threads()}, rounds {args.rounds} x {args.steps} steps, interleaved")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
