@@ -24,34 +24,30 @@ from wsss.models import Classifier, create_backbone
 from wsss.models.segmenter import create_segmenter
 
 
-def _classifier_step(name: str, batch: int, crop: int):
-    model = Classifier(create_backbone(name, pretrained=False, output_stride=16), num_classes=6)
+def _train_step(model: torch.nn.Module, stem: list, x: torch.Tensor, y: torch.Tensor, loss):
+    """One SGD step of ``model`` on the fixed batch ``x``, ``y``, trained as the recipe trains it."""
     model = model.to(memory_format=torch.channels_last)
-    set_train_mode(model, model.backbone, model.backbone.stem_modules(), True, True)
+    set_train_mode(model, model.backbone, stem, True, True)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    x = torch.randn(batch, 3, crop, crop).contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(batch, 6) > 0.5).float()
+    x = x.contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.binary_cross_entropy_with_logits(model(x), y).backward()
+        loss(model(x), y).backward()
         opt.step()
     return step
+
+
+def _classifier_step(name: str, batch: int, crop: int):
+    model = Classifier(create_backbone(name, pretrained=False, output_stride=16), num_classes=6)
+    return _train_step(model, model.backbone.stem_modules(), torch.randn(batch, 3, crop, crop),
+                       (torch.rand(batch, 6) > 0.5).float(), F.binary_cross_entropy_with_logits)
 
 
 def _segmenter_step(name: str, batch: int, crop: int):
     model = create_segmenter("deeplabv3", num_classes=7, pretrained=False, backbone=name, output_stride=16)
-    model = model.to(memory_format=torch.channels_last)
-    set_train_mode(model, model.backbone, model.stem_modules(), True, True)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    x = torch.randn(batch, 3, crop, crop).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 7, (batch, crop, crop))
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return step
+    return _train_step(model, model.stem_modules(), torch.randn(batch, 3, crop, crop),
+                       torch.randint(0, 7, (batch, crop, crop)), F.cross_entropy)
 
 
 def main() -> None:

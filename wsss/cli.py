@@ -348,6 +348,7 @@ def _cmd_eval_masks(args: argparse.Namespace) -> int:
     _, masks, split, ds, out = _eval_setup(args, args.pred if seg else args.masks, "predict" if seg else "crf")
     res = evaluate_masks(masks, ds)
     write_mask_report(res, ds.classes, out)
+
     def cell(v: float | None) -> str:
         return "    -" if v is None else f"{v:5.1f}"
     if not seg:

@@ -14,7 +14,7 @@ from wsss.camfile import load_cam
 from wsss.errors import DataError
 from wsss.io import write_json, write_text
 from wsss.log import progress
-from wsss.evaluation.metrics import foreground_precision_recall, iou_from_confusion, miou
+from wsss.evaluation.metrics import foreground_precision_recall, iou_from_confusion, miou, per_class_percent
 
 if TYPE_CHECKING:
     from wsss.data.dataset import Dataset
@@ -165,7 +165,7 @@ def write_cam_report(result: SweepResult, classes: list[str], out_dir: str | Pat
         "mIoU": round(100 * result.best_miou, 2),
         "fg_precision": round(100 * result.precision[b], 2),
         "fg_recall": round(100 * result.recall[b], 2),
-        "per_class_iou": {c: (None if v != v else round(100 * v, 2)) for c, v in zip(classes, result.per_class_iou[b])},
+        "per_class_iou": per_class_percent(classes, result.per_class_iou[b]),
     }
     write_json(out_dir / "summary.json", summary)
     return summary

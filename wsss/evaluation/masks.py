@@ -11,7 +11,7 @@ import numpy as np
 
 from wsss.data.dataset import Dataset
 from wsss.errors import DataError
-from wsss.evaluation.metrics import confusion, iou_from_confusion
+from wsss.evaluation.metrics import confusion, iou_from_confusion, per_class_percent
 from wsss.io import IGNORE, read_mask, write_json, write_text
 from wsss.log import progress
 
@@ -29,15 +29,12 @@ def mask_scores(cm: np.ndarray, cm_bg: np.ndarray, valid: int, kept: int, classe
     """mIoU (%) on kept pixels, kept share (%), mIoU with ignored pixels as background, per-class IoU
     both ways and the confusion matrix (kept pixels), from summed :func:`mask_counts`."""
     iou, iou_bg = iou_from_confusion(cm), iou_from_confusion(cm_bg)
-
-    def per_class(values: np.ndarray) -> dict:
-        return {c: (None if v != v else round(100 * float(v), 2)) for c, v in zip(classes, values)}
     return {
         "mIoU": round(100 * float(np.nanmean(iou)), 2),
         "kept_share": round(100 * kept / max(valid, 1), 2),
         "mIoU_ignored_as_bg": round(100 * float(np.nanmean(iou_bg)), 2),
-        "per_class_iou": per_class(iou),
-        "per_class_iou_ignored_as_bg": per_class(iou_bg),
+        "per_class_iou": per_class_percent(classes, iou),
+        "per_class_iou_ignored_as_bg": per_class_percent(classes, iou_bg),
         "confusion": cm.tolist(),
     }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from wsss.io import IGNORE
@@ -26,6 +28,11 @@ def iou_from_confusion(cm: np.ndarray) -> np.ndarray:
     denom = cm.sum(0) + cm.sum(1) - tp
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, tp / denom, np.nan)
+
+
+def per_class_percent(classes: Sequence[str], iou: Sequence[float] | np.ndarray) -> dict[str, float | None]:
+    """``{class: IoU in %, 2 decimals}`` from per-class IoU ``(K,)`` in [0, 1]; None where it is NaN."""
+    return {c: (None if v != v else round(100 * float(v), 2)) for c, v in zip(classes, iou)}
 
 
 def miou(cm: np.ndarray) -> float:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from wsss.data.dataset import Dataset
-from wsss.evaluation.metrics import confusion, iou_from_confusion
+from wsss.evaluation.metrics import confusion, iou_from_confusion, per_class_percent
 from wsss.inference import predict_probs
 from wsss.log import progress
 from wsss.models.segmenter import Segmenter
@@ -25,5 +25,5 @@ def evaluate_segmenter(model: Segmenter, ds: Dataset, resize_long: int | None, d
         cm += confusion(ds.read_mask(i), probs.argmax(0).astype(np.uint8), k)
     iou = iou_from_confusion(cm)
     return {"mIoU": round(100 * float(np.nanmean(iou)), 2),
-            "per_class_iou": {c: (None if v != v else round(100 * float(v), 2)) for c, v in zip(ds.classes, iou)}}
+            "per_class_iou": per_class_percent(ds.classes, iou)}
 
