@@ -220,8 +220,19 @@ class CamConfig(Section):
                                  "maps resized to the photo (bounds memory per image); null = no cap")
     device: str = "auto"
     channels_last: bool | None = Field(None, description="NHWC memory layout; default: the backbone's preference")
+    refine: Literal["none", "prototype"] = Field(
+        "none", description="prototype: each image's maps re-scored by its own feature prototypes (SIPE; the cam and "
+                            "expand stages both apply it; needs a backbone with multi-level features)")
+    prototype_fg: float = Field(0.5, ge=0, le=1, description="refine=prototype: a class's seed cells are where its map is the largest and above this")
+    prototype_bg: float = Field(0.15, ge=0, le=1, description="... and the background's where every map is below this")
 
     _scales = field_validator("scales")(classmethod(lambda cls, v: _check_scales(v)))
+
+    @model_validator(mode="after")
+    def _check_prototype(self) -> "CamConfig":
+        if self.prototype_bg > self.prototype_fg:
+            raise ValueError(f"prototype_bg ({self.prototype_bg}) must not exceed prototype_fg ({self.prototype_fg})")
+        return self
 
 
 class ErasingConfig(Section):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -76,7 +76,8 @@ def extract_cams(method: CAMMethod, images: Iterable[tuple[str, np.ndarray, Sequ
                  mean: Sequence[float], std: Sequence[float], scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0),
                  flip: bool = True, batch_size: int = 8, batch_pixels: int | None = None, resize_long: int | None = None,
                  device: torch.device | str = "cpu", channels_last: bool = False,
-                 max_side: int | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+                 max_side: int | None = None,
+                 refine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yield ``(id, classes (k,) int16, cams (k, H, W) float32 in [0, 1])`` for each input image.
 
     ``images`` yields ``(id, image (H, W, 3) uint8, class ids (>= 1))``. Images are grouped by size
@@ -86,6 +87,8 @@ def extract_cams(method: CAMMethod, images: Iterable[tuple[str, np.ndarray, Sequ
     ``channels_last`` runs the network in NHWC layout (the model must already be in that layout).
     ``max_side`` bounds the memory per image: a photo with a longer side is processed (network and maps)
     at that long side and its final maps resized to the photo (``resize_long``, when set, decides alone).
+    ``refine(x (1, 3, h, w), maps (k, h', w')) -> maps`` re-scores each image's normalised maps from
+    its network input (e.g. :class:`wsss.cam.prototype.PrototypeRefiner`).
     """
     layout = torch.channels_last if channels_last else torch.contiguous_format
     pending: dict[tuple[int, int], list] = defaultdict(list)
@@ -107,6 +110,8 @@ def extract_cams(method: CAMMethod, images: Iterable[tuple[str, np.ndarray, Sequ
         for i, (sid, _, cl) in enumerate(group):
             idx = torch.tensor([col[c] for c in cl], dtype=torch.long)
             cams = max_normalise(maps[i, idx])
+            if refine is not None:
+                cams = refine(x[i:i + 1], cams)
             if capped:
                 cams = F.interpolate(cams[None], size=(h, w), mode="bilinear", align_corners=False)[0].clamp_(0, 1)
             yield sid, np.asarray(cl, dtype=np.int16), cams.cpu().numpy().astype(np.float32)
@@ -132,6 +137,7 @@ def extract_to_folder(model, ds: "Dataset", cfg: "CamConfig", out_dir: str | Pat
     counts: ``images``, ``computed``, ``reused``, ``empty`` (computed images whose every map is zero)."""
     from wsss.camfile import save_cam
     from wsss.cam.methods import create_cam_method
+    from wsss.cam.prototype import PrototypeRefiner
     from wsss.log import progress
     from wsss.models.checkpoint import use_channels_last
     from wsss.models.inference import fold_batchnorm
@@ -140,6 +146,8 @@ def extract_to_folder(model, ds: "Dataset", cfg: "CamConfig", out_dir: str | Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [i for i, s in enumerate(ds) if not (out_dir / f"{s.id}.npz").is_file()]
     nhwc = use_channels_last(cfg.channels_last, model)
+    # before folding: the folded backbone is a traced graph without forward_levels
+    refine = PrototypeRefiner(model.backbone, cfg.prototype_fg, cfg.prototype_bg) if cfg.refine == "prototype" else None
     if cfg.fold_bn and cfg.target_layer == "features":
         model = fold_batchnorm(model)
     if nhwc:
@@ -158,7 +166,7 @@ def extract_to_folder(model, ds: "Dataset", cfg: "CamConfig", out_dir: str | Pat
     empty = 0  # images whose every map is zero
     for sid, classes, cams in extract_cams(method, images(), mean=mean, std=std, scales=cfg.scales, flip=cfg.flip,
                                            batch_size=cfg.batch_size, batch_pixels=cfg.batch_pixels, resize_long=cfg.resize_long, device=device,
-                                           channels_last=nhwc, max_side=cfg.max_side):
+                                           channels_last=nhwc, max_side=cfg.max_side, refine=refine):
         save_cam(out_dir / f"{sid}.npz", classes, cams)
         empty += bool(len(classes)) and not cams.any()
         bar.update(1)
