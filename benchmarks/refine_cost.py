@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from wsss.cam import create_cam_method, extract_cams
@@ -38,11 +39,9 @@ def main() -> None:
     classes = read_classes(args.data / "classes.txt")
     labels = read_labels_csv(args.data / "labels.csv", classes)
     ids = (args.data / "ImageSets/Segmentation/train.txt").read_text().split()[: args.n]
-    photos = [(i, np.asarray(Image.open(args.data / "JPEGImages" / f"{i}.jpg").convert("RGB")), labels[i]) for i in ids]
+    photos = [(i, np.array(Image.open(args.data / "JPEGImages" / f"{i}.jpg").convert("RGB")), labels[i]) for i in ids]
     model, meta = load_classifier(args.classifier)
     refiner = PrototypeRefiner(model.backbone)  # the unfolded backbone: the folded one has no levels
-    import torch
-
     fast = fold_batchnorm(model).to(memory_format=torch.channels_last)
     method = create_cam_method("cam", fast)
 

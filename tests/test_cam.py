@@ -10,16 +10,13 @@ from wsss.cam.extract import max_normalise
 from wsss.errors import ConfigError, DataError
 from wsss.evaluation import cams_to_mask, sweep_cam_thresholds
 from wsss.evaluation.metrics import confusion, miou
-from wsss.models import Classifier, create_backbone
+from tests.helpers import tiny_cam_classifier
 from wsss.camfile import load_cam, save_cam
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = Classifier(create_backbone("tiny", output_stride=8), 4).eval()
-    torch.nn.init.normal_(m.classifier.weight, std=0.5)
-    return m
+    return tiny_cam_classifier()
 
 
 class CAMMethodTester:

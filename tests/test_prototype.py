@@ -13,7 +13,7 @@ from wsss.cam import create_cam_method, extract_cams
 from wsss.cam.prototype import PrototypeRefiner, grid_features, prototype_maps, seed_cells
 from wsss.config import load_config
 from wsss.errors import ConfigError
-from wsss.models import Classifier, create_backbone
+from tests.helpers import tiny_cam_classifier
 
 
 def _scene(h: int = 48, w: int = 64):
@@ -92,10 +92,7 @@ def test_every_level_weighs_the_same():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = Classifier(create_backbone("tiny", output_stride=8), 4).eval()
-    torch.nn.init.normal_(m.classifier.weight, std=0.5)
-    return m
+    return tiny_cam_classifier()
 
 
 def _images():

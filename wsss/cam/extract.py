@@ -77,7 +77,7 @@ def extract_cams(method: CAMMethod, images: Iterable[tuple[str, np.ndarray, Sequ
                  flip: bool = True, batch_size: int = 8, batch_pixels: int | None = None, resize_long: int | None = None,
                  device: torch.device | str = "cpu", channels_last: bool = False,
                  max_side: int | None = None,
-                 refine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+                 refine: Callable[[torch.Tensor, list[torch.Tensor]], list[torch.Tensor]] | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yield ``(id, classes (k,) int16, cams (k, H, W) float32 in [0, 1])`` for each input image.
 
     ``images`` yields ``(id, image (H, W, 3) uint8, class ids (>= 1))``. Images are grouped by size
@@ -87,8 +87,9 @@ def extract_cams(method: CAMMethod, images: Iterable[tuple[str, np.ndarray, Sequ
     ``channels_last`` runs the network in NHWC layout (the model must already be in that layout).
     ``max_side`` bounds the memory per image: a photo with a longer side is processed (network and maps)
     at that long side and its final maps resized to the photo (``resize_long``, when set, decides alone).
-    ``refine(x (1, 3, h, w), maps (k, h', w')) -> maps`` re-scores each image's normalised maps from
-    its network input (e.g. :class:`wsss.cam.prototype.PrototypeRefiner`).
+    ``refine(x (B, 3, h, w), [maps (k_i, h', w')] * B) -> [maps] * B`` re-scores the normalised maps of a
+    batch of images from their network input, ``batch_pixels`` at a time (e.g.
+    :class:`wsss.cam.prototype.PrototypeRefiner`).
     """
     layout = torch.channels_last if channels_last else torch.contiguous_format
     pending: dict[tuple[int, int], list] = defaultdict(list)
@@ -107,11 +108,12 @@ def extract_cams(method: CAMMethod, images: Iterable[tuple[str, np.ndarray, Sequ
         maps = multiscale_maps(method, x, cls_t, scales, flip, out_size=tuple(x.shape[-2:]) if capped else (h, w), layout=layout,
                                max_pixels=batch_pixels)
         col = {c: j for j, c in enumerate(union)}
-        for i, (sid, _, cl) in enumerate(group):
-            idx = torch.tensor([col[c] for c in cl], dtype=torch.long)
-            cams = max_normalise(maps[i, idx])
-            if refine is not None:
-                cams = refine(x[i:i + 1], cams)
+        all_cams = [max_normalise(maps[i, torch.tensor([col[c] for c in cl], dtype=torch.long)]) for i, (_, _, cl) in enumerate(group)]
+        if refine is not None:
+            per = len(group) if batch_pixels is None else max(1, batch_pixels // (x.shape[-2] * x.shape[-1]))
+            all_cams = [c for s in range(0, len(group), per)
+                        for c in refine(x[s:s + per].contiguous(memory_format=layout), all_cams[s:s + per])]
+        for (sid, _, cl), cams in zip(group, all_cams):
             if capped:
                 cams = F.interpolate(cams[None], size=(h, w), mode="bilinear", align_corners=False)[0].clamp_(0, 1)
             yield sid, np.asarray(cl, dtype=np.int16), cams.cpu().numpy().astype(np.float32)

@@ -7,7 +7,8 @@ maps are sure of (a class's own confident cells, and background cells where ever
 their features into one prototype per class and one for the background, and score every cell by how
 much closer it is to its class's prototype than to the background's (cosine similarities). The result
 is a map per class, max-normalised like a CAM, in which background that merely co-occurs with a class
-falls back towards zero. No training; one extra backbone pass per image.
+falls back towards zero. No training; one extra backbone pass per image (batched with the
+image's same-size neighbours).
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ def prototype_maps(levels: Sequence[torch.Tensor], cams: torch.Tensor, fg: float
 
 
 class PrototypeRefiner:
-    """``refiner(x (1, 3, h, w) normalised image, cams (k, H, W)) -> refined cams (k, H, W)`` with the
-    levels of ``backbone`` (which must expose multi-level features) and the seed thresholds."""
+    """``refiner(x (B, 3, h, w) normalised images, [cams (k_i, H, W)] * B) -> [refined cams] * B``: one
+    batched pass of ``backbone`` (which must expose multi-level features) for the levels, then
+    :func:`prototype_maps` per image with the seed thresholds."""
 
     def __init__(self, backbone, fg: float = 0.5, bg: float = 0.15) -> None:
         if not getattr(backbone, "level_channels", None):
@@ -87,7 +89,9 @@ class PrototypeRefiner:
                               f"{getattr(backbone, 'name', type(backbone).__name__)} has none (set cam.refine=none)")
         self.backbone, self.fg, self.bg = backbone, fg, bg
 
-    def __call__(self, x: torch.Tensor, cams: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cams: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(cams) != len(x):
+            raise ValueError(f"{len(x)} images but {len(cams)} sets of maps")
         with torch.no_grad():
             levels = self.backbone.forward_levels(x)
-        return prototype_maps([l[0] for l in levels], cams, self.fg, self.bg)
+        return [prototype_maps([l[i] for l in levels], c, self.fg, self.bg) for i, c in enumerate(cams)]
