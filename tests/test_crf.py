@@ -18,7 +18,7 @@ from wsss.io import read_mask, voc_palette, write_image, write_palette_png
 from wsss.manifest import write_manifest
 from wsss.crf.pool import crf_one
 from wsss.crf.sweep import SCORE_COLUMN, choose_best
-from wsss.evaluation.masks import evaluate_masks
+from wsss.evaluation.masks import SIZE_BINS, SIZE_LABELS, evaluate_masks, size_counts
 from wsss.pipeline.runner import open_split, run_stage
 from wsss.stages.crf import sweep as sweep_crf
 
@@ -386,3 +386,46 @@ def test_masks_are_also_scored_with_ignored_pixels_as_background(tmp_path):
     # no kept pixel is cat, so the kept-pixel IoU has nothing to score; on every pixel the cat is missed
     assert res["per_class_iou"]["cat"] is None and res["per_class_iou_ignored_as_bg"]["cat"] == 0.0
     assert res["per_class_iou_ignored_as_bg"]["background"] < 100
+
+
+def test_size_counts_split_recall_by_object_size_and_leave_inputs_untouched():
+    gt = np.zeros((20, 20), np.uint8)
+    gt[:12, :12] = 1  # 36% of the valid pixels: the 35-50% bin
+    gt[15:17, 15:17] = 2  # 1%: the <=10% bin
+    gt[19, :] = 255
+    pred = np.zeros_like(gt)
+    pred[:12, :6] = 1  # half the big object
+    pred[15:17, 15:17] = 2  # the whole small one
+    pred[0, 19] = 255  # an ignored prediction on background changes nothing here
+    g0, p0 = gt.copy(), pred.copy()
+    found, total, objects = size_counts(gt, pred, 3)
+    assert np.array_equal(gt, g0) and np.array_equal(pred, p0)
+    assert found.shape == total.shape == objects.shape == (3, len(SIZE_BINS))
+    assert found[1, 3] == 72 and total[1, 3] == 144 and objects[1].tolist() == [0, 0, 0, 1, 0]
+    assert found[2, 0] == 4 and total[2, 0] == 4 and objects[2].tolist() == [1, 0, 0, 0, 0]
+    assert not found[0].any() and not total[0].any()
+    pred[:12, 6:] = 255  # the other half ignored: still missed, on every pixel
+    assert size_counts(gt, pred, 3)[0][1, 3] == 72
+
+
+def test_error_breakdown_gives_precision_recall_and_recall_by_size(tmp_path):
+    root = make_voc(tmp_path / "v", {"a": ("cat", (40, 40)), "b": ("dog", (40, 40))})
+    from wsss.data.dataset import load_voc
+
+    ds = load_voc(root, "train")
+    for i, s in enumerate(ds):
+        gt = ds.read_mask(i)
+        pred = gt.copy()
+        if s.id == "a":
+            pred[gt > 0] = 255  # the cat ignored: recall 0, whatever its size
+        else:
+            pred[(gt == 0) & (np.arange(gt.shape[1]) < 5)] = gt[gt > 0].max()  # a strip of background called dog
+        write_palette_png(tmp_path / "m" / f"{s.id}.png", pred)
+    err = evaluate_masks(tmp_path / "m", ds)["errors"]
+    assert err["recall"]["cat"] == 0.0 and err["precision"]["cat"] is None  # nothing predicted cat
+    assert err["recall"]["dog"] == 100.0 and err["precision"]["dog"] < 100
+    assert sum(err["objects_by_size"].values()) == 2 and list(err["recall_by_size"]) == list(SIZE_LABELS)
+    per = err["recall_by_size_per_class"]
+    assert [v for v in per["cat"].values() if v is not None] == [0.0]
+    assert [v for v in per["dog"].values() if v is not None] == [100.0]
+    assert "background" not in per

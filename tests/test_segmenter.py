@@ -424,6 +424,7 @@ def test_cli_train_seg_gt_predict_folder_and_eval(small_voc, tmp_path, run_cli):
     assert code == 0, err
     summary = json.loads((run / "predict_gt" / "train" / "eval" / "summary.json").read_text())
     assert summary["images"] == 8 and 0 <= summary["mIoU"] <= 100
+    assert "recall by object size" in out and set(summary["errors"]["recall"]) == set(summary["per_class_iou"])
     code, out, err = run_cli("predict", "--model", run / "seg_gt" / "segmenter.pt", "--input", small_voc / "JPEGImages" / "i1.jpg",
                              "--out", tmp_path / "one")
     assert code == 0, err

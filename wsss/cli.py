@@ -351,11 +351,16 @@ def _cmd_eval_masks(args: argparse.Namespace) -> int:
 
     def cell(v: float | None) -> str:
         return "    -" if v is None else f"{v:5.1f}"
-    if not seg:
-        print(f"  {'class':<14} {'kept':>5}  every pixel")
+    err = res["errors"]
+    if seg:
+        print(f"  {'class':<14} {'IoU':>5}  {'prec':>5}  {'rec':>5}")
+    else:
+        print(f"  {'class':<14} {'kept':>5}  {'every pixel':>11}  {'prec':>5}  {'rec':>5}   (precision, recall: every pixel)")
     for name, v in res["per_class_iou"].items():
-        both = "" if seg else f"  {cell(res['per_class_iou_ignored_as_bg'][name])}"
-        print(f"  {name:<14} {cell(v)}{both}")
+        both = "" if seg else f"  {cell(res['per_class_iou_ignored_as_bg'][name]):>11}"
+        print(f"  {name:<14} {cell(v)}{both}  {cell(err['precision'][name])}  {cell(err['recall'][name])}")
+    print("  recall by object size (share of the photo): " + ", ".join(
+        f"{size} {cell(r).strip()} ({n})" for (size, r), n in zip(err["recall_by_size"].items(), err["objects_by_size"].values())))
     kept = "" if seg else f" on kept pixels, {res['kept_share']:.1f}% kept ({res['mIoU_ignored_as_bg']:.1f} with ignored pixels as background),"
     print(f"eval {args.eval_command}: mIoU {res['mIoU']:.1f}{kept} {res['images']} {split} images -> {out}")
     return 0

@@ -25,6 +25,51 @@ def mask_counts(gt: np.ndarray, pred: np.ndarray, k: int) -> tuple[np.ndarray, n
             int(g.sum()), int((g & (pred != IGNORE)).sum()))
 
 
+#: upper ends of the object-size bins of :func:`size_counts`: a class's share of an image's valid pixels
+SIZE_BINS = (0.1, 0.2, 0.35, 0.5, 1.0)
+SIZE_LABELS = ("<=10%", "10-20%", "20-35%", "35-50%", ">50%")
+
+
+def size_counts(gt: np.ndarray, pred: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Recall by object size for one mask: ``(found, total, objects)``, each ``(k, len(SIZE_BINS))``
+    int64. For every foreground class in ``gt (H, W)``, its pixels (``total``) and those ``pred (H, W)``
+    gives the same class (``found``; an ignored prediction is a miss) go to the bin of the class's share
+    of the valid pixels; ``objects`` counts the (image, class) pairs. Row 0 (background) stays zero."""
+    found = np.zeros((k, len(SIZE_BINS)), np.int64)
+    total, objects = np.zeros_like(found), np.zeros_like(found)
+    valid = gt != IGNORE
+    n = int(valid.sum())
+    for c in np.unique(gt[valid]):
+        if c == 0 or c >= k:
+            continue
+        is_c = gt == c
+        b = min(int(np.searchsorted(SIZE_BINS, is_c.sum() / n, side="left")), len(SIZE_BINS) - 1)
+        found[c, b] += int((is_c & (pred == c)).sum())
+        total[c, b] += int(is_c.sum())
+        objects[c, b] += 1
+    return found, total, objects
+
+
+def _percent(num: np.ndarray, den: np.ndarray) -> list[float | None]:
+    return [None if d == 0 else round(100 * float(x) / float(d), 2) for x, d in zip(num, den)]
+
+
+def error_breakdown(cm_bg: np.ndarray, found: np.ndarray, total: np.ndarray, objects: np.ndarray,
+                    classes: Sequence[str]) -> dict:
+    """Where masks lose, every pixel scored (ignored = background): per-class precision and recall (%)
+    from ``cm_bg (k, k)``, and recall (%) by object size, all foreground classes together and per class,
+    from summed :func:`size_counts`. None where a share has nothing to divide by."""
+    tp = np.diag(cm_bg)
+    return {
+        "precision": dict(zip(classes, _percent(tp, cm_bg.sum(0)))),
+        "recall": dict(zip(classes, _percent(tp, cm_bg.sum(1)))),
+        "recall_by_size": dict(zip(SIZE_LABELS, _percent(found.sum(0), total.sum(0)))),
+        "objects_by_size": dict(zip(SIZE_LABELS, objects.sum(0).tolist())),
+        "recall_by_size_per_class": {c: dict(zip(SIZE_LABELS, _percent(found[i], total[i])))
+                                     for i, c in enumerate(classes) if i > 0},
+    }
+
+
 def mask_scores(cm: np.ndarray, cm_bg: np.ndarray, valid: int, kept: int, classes: Sequence[str]) -> dict:
     """mIoU (%) on kept pixels, kept share (%), mIoU with ignored pixels as background, per-class IoU
     both ways and the confusion matrix (kept pixels), from summed :func:`mask_counts`."""
@@ -44,7 +89,7 @@ def evaluate_masks(mask_dir: str | Path, ds: Dataset, ids: Sequence[str] | None 
 
     Returns mIoU (%), kept share (% of ground-truth-valid pixels the masks label), mIoU with every
     ignored (255) pixel counted as background (every pixel scored, as IRN/AMN tables report), per-class
-    IoU and the confusion matrix (rows = ground truth)."""
+    IoU, the confusion matrix (rows = ground truth) and, under ``"errors"``, :func:`error_breakdown`."""
     mask_dir = Path(mask_dir)
     if not ds.has_masks:
         raise DataError(f"split '{ds.split}' has no ground-truth masks to evaluate against", ds.root)
@@ -56,6 +101,8 @@ def evaluate_masks(mask_dir: str | Path, ds: Dataset, ids: Sequence[str] | None 
     k = len(ds.classes)
     cm = np.zeros((k, k), np.int64)
     cm_bg = np.zeros((k, k), np.int64)  # ignored pixels as background
+    found = np.zeros((k, len(SIZE_BINS)), np.int64)
+    total, objects = np.zeros_like(found), np.zeros_like(found)
     valid = kept = 0
     for sid in progress(ids, desc="eval masks", unit="img"):
         gt = ds.read_mask(index[sid])
@@ -67,7 +114,12 @@ def evaluate_masks(mask_dir: str | Path, ds: Dataset, ids: Sequence[str] | None 
         cm_bg += c_bg
         valid += v
         kept += kp
-    return {"images": len(ids), **mask_scores(cm, cm_bg, valid, kept, ds.classes)}
+        f, t, o = size_counts(gt, pred, k)
+        found += f
+        total += t
+        objects += o
+    return {"images": len(ids), **mask_scores(cm, cm_bg, valid, kept, ds.classes),
+            "errors": error_breakdown(cm_bg, found, total, objects, ds.classes)}
 
 
 def write_mask_report(result: dict, classes: Sequence[str], out_dir: str | Path) -> None:
