@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import subprocess
@@ -119,6 +121,12 @@ def test_run_writes_report(tmp_path, run_cli):
     assert ("pseudo-masks mIoU 61.5 on kept pixels, 80.0% kept; 55.3 with ignored pixels as background" in page
             and "data:image/png;base64," in page)
     assert "&lt;x&gt;" in render_html(rep | {"run": "<x>"})
+    assert "Recall by object size" not in page  # a summary without the error breakdown draws no such figure
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    summary["crf"]["errors"] = {"recall_by_size": {"<=10%": 80.0, "10-20%": None, ">50%": 60.0}}
+    (run / "eval" / "summary.json").write_text(json.dumps(summary))
+    write_report(run)
+    assert "Recall by object size" in (run / "report.html").read_text()
 
 
 def test_report_leaves_out_a_disabled_stage(tmp_path, run_cli):

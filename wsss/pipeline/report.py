@@ -162,6 +162,18 @@ def _plots(report: dict[str, Any]) -> dict[str, str]:
         ax.set_ylabel("IoU (%)")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, never over them
         out["per_class"] = _png(fig)
+    by_size = {k: v["errors"]["recall_by_size"] for k, v in report["metrics"].items()
+               if isinstance(v, dict) and isinstance(v.get("errors"), dict) and v["errors"].get("recall_by_size")}
+    if by_size:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for name, rec in by_size.items():
+            sizes = list(rec)
+            ax.plot(range(len(sizes)), [float("nan") if r is None else r for r in rec.values()], "o-", label=METRIC_LABELS.get(name, name))
+        ax.set_xticks(range(len(sizes)), sizes)
+        ax.set_xlabel("object's share of the photo")
+        ax.set_ylabel("recall (%)")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+        out["by_size"] = _png(fig)
     return out
 
 
@@ -181,7 +193,8 @@ def render_html(report: dict[str, Any]) -> str:
     ran_eval = any(st["stage"] == "eval" for st in report["stages"])
     unscored = "nothing scored (no ground truth)" if ran_eval else "nothing scored yet: the eval stage has not run"
     plots = _plots(report)
-    titles = {"curves": "Training curves", "sweep": "Background-threshold sweep", "per_class": "Per-class IoU"}
+    titles = {"curves": "Training curves", "sweep": "Background-threshold sweep", "per_class": "Per-class IoU",
+              "by_size": "Recall by object size (every pixel scored)"}
     figs = "".join(f"<h2>{titles[k]}</h2><img alt='{titles[k]}' src='data:image/png;base64,{v}'>" for k, v in plots.items())
     return f"""<!doctype html><html lang=en><head><meta charset=utf-8><title>wsss run {e(report['run'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse;margin:1em 0}}
