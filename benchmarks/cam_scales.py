@@ -44,17 +44,17 @@ def adaptive(per: torch.Tensor, share: float) -> torch.Tensor:
     return torch.where(big[:, None, None], fuse(per, (0.25, 0.5, 1.0)), fuse(per, (0.5, 1.0, 1.5)))
 
 
-def score(data, maps_of) -> tuple[float, float, float, float]:
-    """(mIoU %, threshold, recall % of small objects, of large ones) at the best threshold."""
+def score(data, maps_of, k: int) -> tuple[float, float, float, float]:
+    """(mIoU % over the ``k`` classes, threshold, recall % of small objects, of large ones) at the best threshold."""
     best = None
     for t in THRESHOLDS:
-        inter, union, found, total = np.zeros(7), np.zeros(7), np.zeros(2), np.zeros(2)
+        inter, union, found, total = np.zeros(k), np.zeros(k), np.zeros(2), np.zeros(2)
         for classes, per, gt in data:
             m = maps_of(per)
             ids = np.concatenate([[0], classes])
             pred = ids[torch.cat([torch.full((1, *m.shape[1:]), t), m]).argmax(0).numpy()]
             valid = gt != 255
-            for c in range(7):
+            for c in range(k):
                 inter[c] += ((pred == c) & (gt == c)).sum()
                 union[c] += (((pred == c) | (gt == c)) & valid).sum()
             for c in classes:
@@ -95,7 +95,7 @@ def main() -> None:
     rows = [(name, lambda p, sc=sc: fuse(p, sc)) for name, sc in FUSIONS.items()]
     rows += [(f"adaptive {a}", lambda p, a=a: adaptive(p, a)) for a in (0.2, 0.3, 0.4, 0.5)]
     for name, fn in rows:
-        m, t, small, large = score(data, fn)
+        m, t, small, large = score(data, fn, len(ds.classes))
         print(f"  {name:28s} mIoU {m:5.1f} at {t:.2f}   recall small {small:5.1f}, large {large:5.1f}")
 
 

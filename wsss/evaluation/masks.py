@@ -38,15 +38,12 @@ def size_counts(gt: np.ndarray, pred: np.ndarray, k: int) -> tuple[np.ndarray, n
     found = np.zeros((k, len(SIZE_BINS)), np.int64)
     total, objects = np.zeros_like(found), np.zeros_like(found)
     valid = gt != IGNORE
-    n = int(valid.sum())
-    for c in np.unique(gt[valid]):
-        if c == 0 or c >= k:
-            continue
-        is_c = gt == c
-        b = min(int(np.searchsorted(SIZE_BINS, is_c.sum() / n, side="left")), len(SIZE_BINS) - 1)
-        found[c, b] += int((is_c & (pred == c)).sum())
-        total[c, b] += int(is_c.sum())
-        objects[c, b] += 1
+    g = gt[valid].astype(np.int64)
+    pixels = np.bincount(g, minlength=k)[:k]
+    hits = np.bincount(g[pred[valid] == gt[valid]], minlength=k)[:k]
+    present = np.flatnonzero(pixels[1:]) + 1
+    b = np.minimum(np.searchsorted(SIZE_BINS, pixels[present] / max(len(g), 1), side="left"), len(SIZE_BINS) - 1)
+    found[present, b], total[present, b], objects[present, b] = hits[present], pixels[present], 1
     return found, total, objects
 
 

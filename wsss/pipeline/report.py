@@ -166,9 +166,10 @@ def _plots(report: dict[str, Any]) -> dict[str, str]:
                if isinstance(v, dict) and isinstance(v.get("errors"), dict) and v["errors"].get("recall_by_size")}
     if by_size:
         fig, ax = plt.subplots(figsize=(5, 3.2))
+        sizes = list(next(iter(by_size.values())))
         for name, rec in by_size.items():
-            sizes = list(rec)
-            ax.plot(range(len(sizes)), [float("nan") if r is None else r for r in rec.values()], "o-", label=METRIC_LABELS.get(name, name))
+            ax.plot(range(len(sizes)), [float("nan") if rec.get(sz) is None else rec[sz] for sz in sizes], "o-",
+                    label=METRIC_LABELS.get(name, name))
         ax.set_xticks(range(len(sizes)), sizes)
         ax.set_xlabel("object's share of the photo")
         ax.set_ylabel("recall (%)")
