@@ -155,7 +155,8 @@ def test_head_and_walk_keys_ignore_only_what_they_do_not_read(tmp_path):
     from types import SimpleNamespace
 
     from wsss.config import load_config
-    from wsss.stages.affinity import HEAD_MARKER, HEAD_OUTPUTS, WALK_MARKER, WALK_OUTPUTS, _keep_outputs, _keys
+    from wsss.manifest import keep_keyed_outputs as _keep_outputs
+    from wsss.stages.affinity import HEAD_MARKER, HEAD_OUTPUTS, WALK_MARKER, WALK_OUTPUTS, _keys
 
     def keys(*over, crf_key="c1"):
         cfg = load_config(None, ["crf.source=cam", *over])

@@ -20,12 +20,13 @@ import pytest
 pytestmark = pytest.mark.slow
 
 OVERRIDES = ["data.synth.n_train=120", "data.synth.n_val=30", "train_cls.epochs=3", "cam.scales=[1.0, 0.5]",
-             "expand.enabled=true", "expand.epochs=1", "affinity.enabled=true", "affinity.epochs=2", "train_seg.epochs=3",
-             "run.gallery_images=0"]
+             "expand.enabled=true", "expand.epochs=1", "segmaps.enabled=true", "segmaps.epochs=2", "affinity.enabled=true",
+             "affinity.epochs=2", "train_seg.epochs=3", "run.gallery_images=0"]
 
 # stage -> (folder, files whose appearance marks "in the middle of it")
 PROGRESS = {"data": ("data", ".synth.*/JPEGImages/*.jpg"), "train-cls": ("cls", "checkpoint.pt"), "cam": ("cam", "*.npz"),
             "expand": ("expand/round_1/cam", "*.npz"), "crf": ("crf", "*.png"),
+            "seg-maps-train": ("segmaps/segmenter", "checkpoint.pt"), "seg-maps": ("segmaps/maps", "*.npz"),
             "affinity-train": ("affinity", "checkpoint.pt"), "affinity": ("affinity/maps", "*.npz"),
             "train-seg": ("seg", "checkpoint.pt"), "predict": ("predict/val", "*.png")}
 
@@ -43,9 +44,10 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 def _finals(run_dir: Path) -> tuple[dict, dict, dict]:
-    """Digests of the crf and affinity pseudo-masks, of the predictions, and the metrics."""
+    """Digests of the crf, seg-maps and affinity pseudo-masks, of the predictions, and the metrics."""
     metrics = json.loads((run_dir / "eval" / "summary.json").read_text())
-    masks = {**_digest(run_dir / "crf"), **{f"affinity/{k}": v for k, v in _digest(run_dir / "affinity" / "masks").items()}}
+    masks = {**_digest(run_dir / "crf"), **{f"{stage}/{k}": v for stage in ("segmaps", "affinity")
+                                             for k, v in _digest(run_dir / stage / "masks").items()}}
     return masks, _digest(run_dir / "predict" / "val"), metrics
 
 
@@ -54,7 +56,7 @@ def reference(tmp_path_factory) -> tuple[dict, dict, dict]:
     run_dir = tmp_path_factory.mktemp("ref") / "run"
     subprocess.run(_cmd(run_dir), check=True, env=_env(), timeout=900, capture_output=True)
     finals = _finals(run_dir)
-    assert len(finals[0]) == 2 * 120 and len(finals[1]) == 30
+    assert len(finals[0]) == 3 * 120 and len(finals[1]) == 30
     return finals
 
 

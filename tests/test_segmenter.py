@@ -13,11 +13,11 @@ import torch
 from wsss.config import PredictConfig, TrainSegConfig, load_config
 from wsss.data.dataset import load_voc
 from wsss.errors import DataError, WsssError
-from wsss.io import read_mask, write_palette_png
+from wsss.io import read_image, read_mask, write_palette_png
 from wsss.models.segmenter import SEGMENTERS, create_segmenter
 from wsss.data.presets import train_transform
 from wsss.engine.segmenter import SegDataset, seg_loss, train_segmenter
-from wsss.inference import input_items, overlay, predict_items, predict_probs
+from wsss.inference import input_items, label_maps, overlay, predict_items, predict_probs, write_label_maps
 from wsss.models.checkpoint import load_segmenter, save_checkpoint
 
 from tests.conftest import make_voc
@@ -385,6 +385,65 @@ def test_predict_items_writes_masks_overlays_and_resumes(voc, tmp_path):
     # CRF post-processing runs and keeps the size
     res = predict_items(_model(), items[:1], tmp_path / "crf", cfg, resize_long=None, crf_cfg=load_config(None).crf)
     assert read_mask(tmp_path / "crf" / "a.png").shape == (40, 50)
+
+
+def test_label_maps_renormalise_over_background_and_the_labels():
+    rng = np.random.default_rng(2)
+    p = rng.random((4, 5, 6)).astype(np.float32)
+    p /= p.sum(0, keepdims=True)
+    before = p.copy()
+    m = label_maps(p, [3, 1])
+    assert m.shape == (2, 5, 6) and m.dtype == np.float32 and np.array_equal(p, before)
+    keep = p[0] + p[1] + p[3]  # background and the two labels; class 2 is ruled out by the tags
+    assert np.allclose(m[0], p[3] / keep, atol=1e-6) and np.allclose(m[1], p[1] / keep, atol=1e-6)
+    assert (m.sum(0) <= 1 + 1e-6).all() and m.min() >= 0
+    assert label_maps(p, []).shape == (0, 5, 6)
+    with pytest.raises(ValueError, match="outside 1..3"):
+        label_maps(p, [4])
+    with pytest.raises(ValueError, match="outside"):
+        label_maps(p, [0])
+
+
+def test_write_label_maps_writes_the_cam_format_and_resumes(voc, tmp_path):
+    from wsss.camfile import load_cam
+
+    ds = load_voc(voc, "train")
+    items = [(s.id, s.image, s.labels) for s in ds]
+    out = tmp_path / "maps"
+    assert write_label_maps(_model(), items, out, [1.0, 0.5], True, None, torch.device("cpu"), batch_size=2) == 3
+    for s in ds:
+        classes, cam = load_cam(out / f"{s.id}.npz", num_classes=K - 1)
+        img_h, img_w = read_mask(voc / "SegmentationClass" / f"{s.id}.png").shape
+        assert classes.tolist() == list(s.labels) and cam.shape == (len(s.labels), img_h, img_w)
+    p = predict_probs(_model(), [read_image(ds[1].image)], [1.0, 0.5])[0]
+    _, cam = load_cam(out / "b.npz")
+    assert np.abs(cam - label_maps(p, ds[1].labels)).max() < 2e-3  # fp16 on disk
+    (out / "c.npz").unlink()
+    assert write_label_maps(_model(), items, out, [1.0], True, None, torch.device("cpu")) == 1
+
+
+def test_seg_maps_keys_ignore_only_what_they_do_not_read(tmp_path):
+    """The segmenter is reused across runs that differ only in inference settings or CRF thresholds, the
+    maps only across thresholds; its epochs, the train_seg recipe, the seed or the crf masks retrain it.
+    Where the final segmenter's masks come from (train_seg.mask_dir) does not."""
+    from types import SimpleNamespace
+
+    from wsss.stages.seg_maps import _keys
+
+    def keys(*over, crf_key="c1"):
+        cfg = load_config(None, ["segmaps.enabled=true", *over])
+        ctx = SimpleNamespace(cfg=cfg, run_dir=tmp_path, manifest_key=lambda name, hint: {"crf": crf_key}.get(name, name))
+        return _keys(ctx)
+
+    seg, maps = keys()
+    assert keys("segmaps.fg_threshold=0.5", "segmaps.low_threshold=0.2") == (seg, maps) == keys("segmaps.device=cpu")
+    assert keys(f"train_seg.mask_dir={tmp_path}") == keys("train_seg.epochs=12") == keys("train_seg.eval_every=3") == (seg, maps)
+    for maps_only in ("segmaps.scales=[1.0]", "segmaps.flip=false"):
+        s, m = keys(maps_only)
+        assert s == seg and m != maps, maps_only
+    for other in (keys("segmaps.epochs=2"), keys("train_seg.lr=0.01"), keys("train_seg.arch=deeplabv3plus"), keys("run.seed=1"),
+                  keys(crf_key="c2")):
+        assert other[0] != seg and other[1] != maps
 
 
 def test_input_items_errors(tmp_path):

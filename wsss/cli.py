@@ -105,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     stages["crf"].add_argument("--workers", type=int, help="worker processes (crf.workers; default one per core)")
     stages["crf"].add_argument("--sweep", action="store_true", help="instead: try the crf.sweep grid on the first crf.sweep_images "
                                "labelled images and write the best setting as a config snippet (reads ground truth)")
-    stages["crf"].add_argument("--maps", choices=["crf", "affinity"], default="crf", help="with --sweep: the maps to refine; crf = "
-                               "the ones the crf stage reads (default), affinity = the affinity stage's walked maps (its "
-                               "thresholds go under affinity: in the snippet)")
+    stages["crf"].add_argument("--maps", choices=["crf", "seg-maps", "affinity"], default="crf", help="with --sweep: the maps to "
+                               "refine; crf = the ones the crf stage reads (default), seg-maps = the seg-maps stage's maps, "
+                               "affinity = the affinity stage's walked maps (the thresholds go under segmaps: or affinity: in the snippet)")
     stages["train-seg"].add_argument("--masks", choices=["pseudo", "gt"], help="train_seg.masks: pseudo-masks (default) or ground "
                                      "truth, the fully-supervised reference (written to RUN/seg_gt)")
 

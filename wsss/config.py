@@ -345,7 +345,50 @@ class CrfConfig(Section):
         return self
 
 
-class AffinityConfig(Section):
+class _FinalCrf(Section):
+    """A stage that refines its own maps with the CRF in confidence mode at its own ``fg_threshold`` /
+    ``low_threshold`` (fields the subclass declares, with its own defaults and place in the section)."""
+
+    def crf_settings(self, crf: CrfConfig) -> CrfConfig:
+        """The CRF on this stage's maps: ``crf``'s kernels, confidence mode, this section's thresholds."""
+        return crf.model_copy(update={"mode": "confidence", "fg_threshold": self.fg_threshold, "low_threshold": self.low_threshold})
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> "_FinalCrf":
+        if self.low_threshold > self.fg_threshold:
+            raise ValueError(f"low_threshold ({self.low_threshold}) must not exceed fg_threshold ({self.fg_threshold})")
+        return self
+
+
+class SegMapsConfig(_FinalCrf):
+    """Stage 4a': maps from a segmenter. A segmenter (``train_seg``'s architecture and optimiser, this
+    section's epochs) is trained on the crf stage's pseudo-masks; its class probabilities on the train
+    photos, restricted to each photo's labels, become the maps, refined by the CRF (the ``crf`` section's
+    kernels, this section's thresholds) into new pseudo-masks. Trained per pixel across the whole set, the
+    segmenter marks the parts of an object the CAMs leave out (a large dog's body, not just its head).
+    The affinity stage then learns from and walks these masks and maps instead of the crf stage's."""
+
+    enabled: bool = Field(False, description="run this stage in `wsss run` (affinity, or train-seg without it, reads RUN/segmaps)")
+    epochs: int = Field(4, ge=1, description="training epochs of the segmenter (the rest of its settings: the train_seg section)")
+    scales: list[float] = Field(default_factory=lambda: [0.75, 1.0, 1.25], min_length=1,
+                                description="inference scales (relative to train_seg.resize_long), averaged")
+    flip: bool = Field(True, description="also average the mirrored photo")
+    fg_threshold: float = Field(0.3, ge=0, le=1, description="CRF confidence mode on the maps: background score of the foreground pass")
+    low_threshold: float = Field(0.1, ge=0, le=1, description="... and of the background pass (between the two: 255)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+
+    def segmenter_settings(self, train_seg: "TrainSegConfig") -> "TrainSegConfig":
+        """``train_seg`` with this section's epochs and device, never scoring val (the maps are for train)."""
+        return train_seg.model_copy(update={"epochs": self.epochs, "device": self.device, "eval_every": 0})
+
+    @model_validator(mode="after")
+    def _check(self) -> "SegMapsConfig":
+        if any(s <= 0 for s in self.scales):
+            raise ValueError(f"scales must be positive, got {self.scales}")
+        return self
+
+
+class AffinityConfig(_FinalCrf):
     """Stage 4b: learn pixel affinities from the confident CRF pseudo-masks and random-walk the maps
     along them (AffinityNet), then refine the walked maps with the CRF (the ``crf`` section's kernels,
     this section's thresholds) into the pseudo-masks that train-seg uses."""
@@ -365,14 +408,8 @@ class AffinityConfig(Section):
     low_threshold: float = Field(0.3, ge=0, le=1, description="... and of the background pass (between the two: 255)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
 
-    def crf_settings(self, crf: CrfConfig) -> CrfConfig:
-        """The final CRF on the walked maps: ``crf``'s kernels, confidence mode, this section's thresholds."""
-        return crf.model_copy(update={"mode": "confidence", "fg_threshold": self.fg_threshold, "low_threshold": self.low_threshold})
-
     @model_validator(mode="after")
     def _check(self) -> "AffinityConfig":
-        if self.low_threshold > self.fg_threshold:
-            raise ValueError(f"low_threshold ({self.low_threshold}) must not exceed fg_threshold ({self.fg_threshold})")
         if self.width % 4:
             raise ValueError(f"width must be a multiple of 4 (GroupNorm with 4 groups), got {self.width}")
         return self
@@ -426,6 +463,7 @@ class Config(Section):
     cam: CamConfig = Field(default_factory=CamConfig)
     expand: ExpandConfig = Field(default_factory=ExpandConfig)
     crf: CrfConfig = Field(default_factory=CrfConfig)
+    segmaps: SegMapsConfig = Field(default_factory=SegMapsConfig)
     affinity: AffinityConfig = Field(default_factory=AffinityConfig)
     train_seg: TrainSegConfig = Field(default_factory=TrainSegConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)

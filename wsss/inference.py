@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -94,6 +94,43 @@ def restrict_to_labels(probs: np.ndarray, labels: Sequence[int]) -> np.ndarray:
     return out / np.maximum(out.sum(0, keepdims=True), 1e-8)
 
 
+def iter_probs(model: "Segmenter", items: Sequence[tuple[str, Path]], scales: Sequence[float], flip: bool, resize_long: int | None,
+               device: torch.device, amp: str = "none", batch_size: int = 1,
+               on_unreadable: Callable[[Path, ImageReadError], None] | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``(id, image (H, W, 3) uint8, probs (K, H, W))`` for ``items`` (``(id, image path)``), same-size photos
+    sharing a forward pass (up to ``batch_size``), so not in the order given. An unreadable image goes to
+    ``on_unreadable`` (without one, the error is raised)."""
+    pending: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}
+
+    def flush(key: tuple[int, int]) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        group = pending.pop(key)
+        probs = predict_probs(model, [im for _, im in group], scales, flip, resize_long, device, amp)
+        for (sid, im), p in zip(group, probs):
+            yield sid, im, p
+
+    for sid, path in items:
+        try:
+            im = read_image(path)
+        except ImageReadError as e:
+            if on_unreadable is None:
+                raise
+            on_unreadable(path, e)
+            continue
+        pending.setdefault(im.shape[:2], []).append((sid, im))
+        if len(pending[im.shape[:2]]) >= batch_size:
+            yield from flush(im.shape[:2])
+    for key in list(pending):
+        yield from flush(key)
+
+
+def prepare_model(model: "Segmenter", device: torch.device) -> "Segmenter":
+    """``model`` on ``device`` in eval mode, channels-last on CPU when it prefers that (predict_probs feeds NHWC)."""
+    model = model.to(device).eval()
+    if device.type == "cpu" and getattr(model, "prefers_channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def predict_items(model: "Segmenter", items: Sequence[tuple[str, Path]], out_dir: str | Path, cfg: PredictConfig,
                   resize_long: int | None, crf_cfg: CrfConfig | None = None, skip_done: bool = True,
                   skip_unreadable: bool = False, labels: dict[str, Sequence[int]] | None = None) -> dict:
@@ -106,49 +143,68 @@ def predict_items(model: "Segmenter", items: Sequence[tuple[str, Path]], out_dir
     if cfg.overlay:
         (out_dir / "overlay").mkdir(exist_ok=True)
     device = resolve_device(cfg.device)
-    model = model.to(device).eval()
-    if device.type == "cpu" and getattr(model, "prefers_channels_last", False):
-        model = model.to(memory_format=torch.channels_last)  # predict_probs feeds NHWC inputs on CPU
+    model = prepare_model(model, device)
     todo = [(sid, p) for sid, p in items if not (skip_done and (out_dir / f"{sid}.png").is_file())]
-    pending: dict[tuple[int, int], list[tuple[str, np.ndarray]]] = {}
     bar = progress(total=len(todo), desc="predict", unit="img")
+    skipped: list[str] = []
 
-    def flush(key: tuple[int, int]) -> None:
-        group = pending.pop(key)
-        probs = predict_probs(model, [im for _, im in group], cfg.scales, cfg.flip, resize_long, device, cfg.amp)
-        for (sid, im), p in zip(group, probs):
-            if labels is not None:
-                p = restrict_to_labels(p, labels[sid])
-            if crf_cfg is not None:
-                p = refine_with_crf(im, p, crf_cfg)
-            mask = p.argmax(0).astype(np.uint8)
-            if cfg.overlay:
-                write_image(out_dir / "overlay" / f"{sid}.jpg", overlay(im, mask))
-            write_palette_png(out_dir / f"{sid}.png", mask)
-            bar.update(1)
+    def unreadable(path: Path, e: ImageReadError) -> None:
+        log.warning("predict: skipped %s", e)
+        skipped.append(str(path))
+        bar.update(1)
 
     t0 = time.perf_counter()
-    skipped: list[str] = []
-    for sid, path in todo:
-        try:
-            im = read_image(path)
-        except ImageReadError as e:
-            if not skip_unreadable:
-                raise
-            log.warning("predict: skipped %s", e)
-            skipped.append(str(path))
-            bar.update(1)
-            continue
-        pending.setdefault(im.shape[:2], []).append((sid, im))
-        if len(pending[im.shape[:2]]) >= cfg.batch_size:
-            flush(im.shape[:2])
-    for key in list(pending):
-        flush(key)
+    for sid, im, p in iter_probs(model, todo, cfg.scales, cfg.flip, resize_long, device, cfg.amp, cfg.batch_size,
+                                 unreadable if skip_unreadable else None):
+        if labels is not None:
+            p = restrict_to_labels(p, labels[sid])
+        if crf_cfg is not None:
+            p = refine_with_crf(im, p, crf_cfg)
+        mask = p.argmax(0).astype(np.uint8)
+        if cfg.overlay:
+            write_image(out_dir / "overlay" / f"{sid}.jpg", overlay(im, mask))
+        write_palette_png(out_dir / f"{sid}.png", mask)
+        bar.update(1)
     bar.close()
     secs = time.perf_counter() - t0
     done = len(todo) - len(skipped)
     return {"images": len(items), "computed": done, "reused": len(items) - len(todo),
             "seconds_per_image": round(secs / done, 4) if done else None, **({"skipped": skipped} if skip_unreadable else {})}
+
+
+def label_maps(probs: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """Maps ``(k, H, W)`` in [0, 1] of a photo's ``labels`` (k class ids >= 1, in that order) from class
+    probabilities ``probs (K, H, W)``: the probabilities renormalised over background and the labels
+    (the tags rule out every other class). Does not modify ``probs``."""
+    labels = list(labels)
+    if not labels:
+        return np.zeros((0, *probs.shape[1:]), np.float32)
+    if min(labels) < 1 or max(labels) >= probs.shape[0]:
+        raise ValueError(f"labels {labels} outside 1..{probs.shape[0] - 1}")
+    return np.clip(restrict_to_labels(probs, labels)[labels], 0.0, 1.0)
+
+
+def write_label_maps(model: "Segmenter", items: Sequence[tuple[str, Path, Sequence[int]]], out_dir: str | Path,
+                     scales: Sequence[float], flip: bool, resize_long: int | None, device: torch.device,
+                     batch_size: int = 8) -> int:
+    """Each ``(id, image path, labels)`` photo's :func:`label_maps` into ``out_dir/<id>.npz`` (the CAM
+    format, written atomically); photos whose file exists are skipped (a killed run resumes). Returns
+    how many were computed."""
+    from wsss.camfile import save_cam
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [(sid, path) for sid, path, _ in items if not (out_dir / f"{sid}.npz").is_file()]
+    labels = {sid: tuple(lab) for sid, _, lab in items}
+    model = prepare_model(model, device)
+    bar = progress(total=len(todo), desc="seg-maps: maps", unit="img")
+    for sid, _, p in iter_probs(model, todo, scales, flip, resize_long, device, batch_size=batch_size):
+        dest = out_dir / f"{sid}.npz"
+        dest.parent.mkdir(parents=True, exist_ok=True)  # ids may hold folders
+        save_cam(dest, np.array(labels[sid], np.int64), label_maps(p, labels[sid]))
+        bar.update(1)
+    bar.close()
+    return len(todo)
 
 
 def input_items(paths: Iterable[str | Path], recursive: bool = False) -> list[tuple[str, Path]]:

@@ -118,3 +118,22 @@ def prepare_output_folder(out: str | Path, key: str, clear: bool, keep: tuple[st
             if f.name not in keep:
                 shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
     write_text(marker, key + "\n")
+
+
+def keep_keyed_outputs(out: str | Path, marker_name: str, names: tuple[str, ...], key: str, force: bool) -> bool:
+    """Within a stage folder, outputs that carry their own key (a trained model, maps made from it):
+    remove ``out``'s ``names`` unless the marker file ``marker_name`` says they were made with ``key`` (and
+    not ``force``); write the marker before anything new is made. True when they were kept."""
+    import shutil
+
+    from wsss.io import write_text
+
+    out = Path(out)
+    marker = out / marker_name
+    kept = not force and marker.is_file() and marker.read_text().strip() == key
+    if not kept:
+        for name in names:
+            f = out / name
+            shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
+        write_text(marker, key + "\n")
+    return kept

@@ -46,7 +46,7 @@ def mask_overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.6) -> np.
     return ((1 - alpha) * image + alpha * voc_palette()[mask]).astype(np.uint8)
 
 
-IOU_LABELS = {"pseudo": "pseudo-mask", "affinity": "affinity pseudo-mask", "pred": "prediction"}
+IOU_LABELS = {"pseudo": "pseudo-mask", "seg-maps": "segmenter-map pseudo-mask", "affinity": "affinity pseudo-mask", "pred": "prediction"}
 
 
 def image_miou(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
@@ -96,6 +96,7 @@ def build_gallery(ds: Dataset, run_dir: Path, out: Path, pred_dir: Path | None, 
                     tiles.append((f"{caption} {ds.classes[c]}", heatmap(photo, m)))
         gt = ds.read_mask(i) if s.mask is not None else None
         masks = [("pseudo", "pseudo-mask", run_dir / stage_folder("crf")),
+                 ("seg-maps", "segmenter-map pseudo-mask", run_dir / stage_folder("seg-maps") / get_stage("seg-maps").masks),
                  ("affinity", "affinity pseudo-mask", run_dir / stage_folder("affinity") / get_stage("affinity").masks),
                  ("pred", "prediction", pred_dir)]
         for name, caption, folder in masks:

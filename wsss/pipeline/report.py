@@ -26,7 +26,8 @@ from wsss.pipeline.table import EVAL_SUBFOLDER, STAGES, stage_folder
 log = logging.getLogger(__name__)
 
 
-METRIC_LABELS = {"cam": "CAM seeds", "expand": "expanded CAMs", "crf": "pseudo-masks", "affinity": "affinity pseudo-masks", "seg": "segmenter",
+METRIC_LABELS = {"cam": "CAM seeds", "expand": "expanded CAMs", "crf": "pseudo-masks", "seg-maps": "segmenter-map pseudo-masks",
+                 "affinity": "affinity pseudo-masks", "seg": "segmenter",
                  "seg_gt": "segmenter on ground truth"}
 
 
@@ -87,7 +88,7 @@ def summary_lines(report: dict[str, Any], done: list[tuple[str, float, bool]] | 
     m = report["metrics"]
     for st in report["stages"]:
         name = st["stage"]
-        key = {"cam": "cam", "expand": "expand", "crf": "crf", "affinity": "affinity", "predict": "seg"}.get(name)
+        key = "seg" if name == "predict" else name
         res = _metric_text(key, m[key]) if key in m else ""
         secs = "" if st["seconds"] is None else f"{st['seconds']:8.1f}"
         lines.append(f"  {name:<10} {status.get(name, 'not run'):<11} {secs:>8}   {res}".rstrip())

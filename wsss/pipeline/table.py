@@ -10,6 +10,7 @@ finished, ``config.yaml`` and a ``.key`` marker)::
     cam/             <id>.npz  (classes int16 (k,), cam float16 (k, H, W) in [0, 1])
     expand/          <id>.npz  (same format), round_<r>/
     crf/             <id>.png  (palette PNG, 255 = ignore), stats.csv
+    segmaps/         segmenter/segmenter.pt, maps/<id>.npz, masks/<id>.png
     affinity/        head.pt, maps/<id>.npz, masks/<id>.png
     seg/ (seg_gt/)   segmenter.pt, checkpoint.pt, log.csv
     predict/<split>/ (predict_gt/<split>/)  <id>.png, overlay/<id>.jpg
@@ -74,7 +75,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("crf", "crf", "crf", ("cam",), "cam/ or expand/ *.npz (crf.source), images", "<id>.png, stats.csv",
           "refine CAMs with a dense CRF into palette-PNG pseudo-masks", masks="",
           required=("stats.csv",), shardable=True),
-    Stage("affinity", "affinity", "affinity", ("train-cls", "crf", "cam"), "classifier.pt, crf/*.png, the maps crf read",
+    Stage("seg-maps", "segmaps", "segmaps", ("data", "crf"), "images + crf/*.png",
+          "segmenter/segmenter.pt, maps/<id>.npz, masks/<id>.png", "train a segmenter on the crf pseudo-masks, take its label-restricted "
+          "probabilities on the train photos as new maps, CRF them", maps="maps", masks="masks",
+          enabled=lambda cfg: cfg.segmaps.enabled, required=("masks/stats.csv",),
+          keep=("segmenter", "maps", ".seg_key", ".maps_key")),  # under their own key (wsss.stages.seg_maps)
+    Stage("affinity", "affinity", "affinity", ("train-cls", "crf", "seg-maps", "cam"),
+          "classifier.pt, the pseudo-masks and maps it refines (crf/*.png and the maps crf read, or segmaps/)",
           "maps/<id>.npz, masks/<id>.png", "learn pixel affinities from the pseudo-masks, random-walk the CAMs, CRF them again",
           maps="maps", masks="masks", enabled=lambda cfg: cfg.affinity.enabled, required=("masks/stats.csv",),
           keep=("head.pt", "checkpoint.pt", "log.csv", "maps", ".head_key", ".walk_key")),  # under their own key (wsss.stages.affinity)
@@ -84,7 +91,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("predict", "predict/{split}", "predict", ("train-seg",), "segmenter.pt, images of predict.split",
           "<id>.png, overlay/<id>.jpg", "segment a dataset split, images or folders with a trained segmenter",
           folder_gt="predict_gt/{split}", masks="", shardable=True),
-    Stage("eval", "eval", "eval", ("cam", "expand", "crf", "affinity", "predict"), "every finished map/mask folder + ground truth",
+    Stage("eval", "eval", "eval", ("cam", "expand", "crf", "seg-maps", "affinity", "predict"), "every finished map/mask folder + ground truth",
           "summary.json", "score maps, pseudo-masks and predictions against ground truth"),
 )
 
@@ -142,10 +149,21 @@ def cam_source(cfg: "Config", run_dir: str | Path) -> str:
     return "expand" if cfg.expand.enabled and read_manifest(folder_of(cfg, run_dir, "expand")) is not None else "cam"
 
 
+def refined_stage(cfg: "Config") -> str:
+    """The stage whose pseudo-masks (and maps) the affinity stage learns from and walks: ``seg-maps`` when
+    it is enabled, else ``crf`` (whose maps are those of :func:`cam_source`)."""
+    return "seg-maps" if cfg.segmaps.enabled else "crf"
+
+
+def mask_stages(cfg: "Config") -> tuple[str, ...]:
+    """The enabled stages that write pseudo-masks of the train photos, in pipeline order."""
+    return tuple(n for n in ("crf", "seg-maps", "affinity") if get_stage(n).is_enabled(cfg))
+
+
 def pseudo_mask_stage(cfg: "Config") -> tuple[str, str]:
-    """(stage, folder in the run directory) of the pseudo-masks train-seg reads by default: the affinity
-    stage's when it is enabled, else the crf stage's."""
-    name = "affinity" if cfg.affinity.enabled else "crf"
+    """(stage, folder in the run directory) of the pseudo-masks train-seg reads by default: the last
+    enabled of crf, seg-maps and affinity."""
+    name = mask_stages(cfg)[-1]
     s = get_stage(name)
     return name, f"{s.folder}/{s.masks}" if s.masks else s.folder
 

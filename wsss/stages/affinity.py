@@ -1,10 +1,11 @@
-"""Stage 4b, `wsss affinity`: learn pixel affinities from the crf stage's confident pseudo-masks,
-random-walk the maps along them, refine the walked maps with the CRF into new pseudo-masks
-(:mod:`wsss.affinity.train`, :mod:`wsss.crf.pool`).
+"""Stage 4b, `wsss affinity`: learn pixel affinities from confident pseudo-masks, random-walk the maps
+along them, refine the walked maps with the CRF into new pseudo-masks (:mod:`wsss.affinity.train`,
+:mod:`wsss.crf.pool`).
 
-Reads ``RUN/cls/classifier.pt`` (its backbone, frozen, gives the features), ``RUN/crf/*.png`` (the
-training labels: only their confident pixels) and the maps the crf stage refined (``RUN/cam`` or
-``RUN/expand``). Never reads ground truth. Output folder ``RUN/affinity/``: ``head.pt`` (checkpoint.pt
+Reads ``RUN/cls/classifier.pt`` (its backbone, frozen, gives the features) and a pair of pseudo-masks
+(the training labels: only their confident pixels) and maps: ``RUN/crf/*.png`` with the maps the crf
+stage refined (``RUN/cam`` or ``RUN/expand``), or, when the seg-maps stage is enabled, its
+``RUN/segmaps/masks`` and ``RUN/segmaps/maps``. Never reads ground truth. Output folder ``RUN/affinity/``: ``head.pt`` (checkpoint.pt
 while training), ``log.csv``, ``maps/<id>.npz`` (the format of RUN/cam), ``masks/<id>.png`` +
 ``stats.csv`` (what train-seg reads). Training resumes per epoch, the walk and the CRF per file. The
 head and the walked maps carry their own keys (``.head_key``, ``.walk_key``): a change of the final
@@ -25,19 +26,30 @@ from wsss.config import Config, config_hash, config_to_dict
 from wsss.crf.pool import UNKEYED, crf_jobs, empty_masks_warning, run_crf, write_stats
 from wsss.engine.core import resolve_device
 from wsss.errors import WsssError
-from wsss.io import write_text
-from wsss.manifest import StageOutcome
+from wsss.manifest import StageOutcome, keep_keyed_outputs
 from wsss.models.checkpoint import load_classifier
 from wsss.pipeline.runner import StageContext
-from wsss.pipeline.table import cam_source, get_stage, maps_folder, masks_folder
+from wsss.pipeline.table import cam_source, get_stage, maps_folder, masks_folder, refined_stage
 
 log = logging.getLogger(__name__)
 
 
+def sources(cfg: Config, run_dir: Path) -> tuple[str, Path, Path]:
+    """(name, pseudo-mask folder, map folder) the stage learns from and walks: the seg-maps stage's when
+    it is enabled, else the crf stage's masks and the maps it refined."""
+    refined = refined_stage(cfg)
+    maps_stage = refined if refined == "seg-maps" else cam_source(cfg, run_dir)
+    return maps_stage, masks_folder(cfg, run_dir, refined), maps_folder(cfg, run_dir, maps_stage)
+
+
 def inputs(ctx: StageContext) -> dict[str, str]:
-    hint = "affinity needs the trained classifier, its maps and the crf pseudo-masks; run `wsss crf CONFIG` first"
+    refined = refined_stage(ctx.cfg)
+    hint = f"affinity needs the trained classifier and the {refined} stage's pseudo-masks and maps; run `wsss {refined} CONFIG` first"
+    keys = {"classifier": ctx.manifest_key("train-cls", hint), "crf": ctx.manifest_key("crf", hint)}
+    if refined == "seg-maps":
+        return keys | {"seg-maps": ctx.manifest_key("seg-maps", hint)}
     source = cam_source(ctx.cfg, ctx.run_dir)
-    return {"classifier": ctx.manifest_key("train-cls", hint), "crf": ctx.manifest_key("crf", hint), source: ctx.manifest_key(source, hint)}
+    return keys | {source: ctx.manifest_key(source, hint)}
 
 
 def section(cfg: Config) -> dict:
@@ -63,30 +75,15 @@ def _keys(ctx: StageContext) -> tuple[str, str]:
     return head, config_hash({"head": head, "walk": {k: a[k] for k in WALK_ONLY}})
 
 
-def _keep_outputs(out: Path, marker_name: str, names: tuple[str, ...], key: str, force: bool) -> bool:
-    """Remove ``out``'s ``names`` unless its marker file says they were made with ``key`` (and not
-    ``force``); write the marker before anything new is made. True when they were kept."""
-    import shutil
-
-    marker = out / marker_name
-    kept = not force and marker.is_file() and marker.read_text().strip() == key
-    if not kept:
-        for name in names:
-            f = out / name
-            shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
-        write_text(marker, key + "\n")
-    return kept
-
-
 def run(ctx: StageContext) -> dict:
     cfg, a, out = ctx.cfg, ctx.cfg.affinity, ctx.out
     head_key, walk_key = _keys(ctx)
-    if _keep_outputs(out, HEAD_MARKER, HEAD_OUTPUTS, head_key, ctx.force) and (out / "head.pt").is_file():
+    if keep_keyed_outputs(out, HEAD_MARKER, HEAD_OUTPUTS, head_key, ctx.force) and (out / "head.pt").is_file():
         log.info("affinity: the head trained with the same settings and inputs is reused")
-    if _keep_outputs(out, WALK_MARKER, WALK_OUTPUTS, walk_key, ctx.force) and (out / "maps").is_dir():
+    if keep_keyed_outputs(out, WALK_MARKER, WALK_OUTPUTS, walk_key, ctx.force) and (out / "maps").is_dir():
         log.info("affinity: walked maps made with the same head and walk settings are reused (only the final CRF "
                  "thresholds differ or a run resumes)")
-    source = cam_source(cfg, ctx.run_dir)
+    source, mask_dir, map_dir = sources(cfg, ctx.run_dir)
     ds = ctx.split(cfg.cam.split)
     device = resolve_device(a.device)
     model, meta = load_classifier(ctx.folder("train-cls") / "classifier.pt", device)
@@ -101,12 +98,12 @@ def run(ctx: StageContext) -> dict:
     if (out / "head.pt").is_file():
         train = {"epochs": a.epochs, "seconds": 0.0, "final_loss": None}
     else:
-        train = train_affinity_head(backbone, ds, masks_folder(cfg, ctx.run_dir, "crf"), a, meta["mean"], meta["std"], device, out,
+        train = train_affinity_head(backbone, ds, mask_dir, a, meta["mean"], meta["std"], device, out,
                                     cfg.run.seed)
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
     head = load_affinity_head(out / "head.pt", device)
-    walked = walk_maps(backbone, head, ds, maps_folder(cfg, ctx.run_dir, source), maps, a, meta["mean"], meta["std"], device)
+    walked = walk_maps(backbone, head, ds, map_dir, maps, a, meta["mean"], meta["std"], device)
     t_walk = time.perf_counter() - t0
     t0 = time.perf_counter()
     crf_cfg = a.crf_settings(cfg.crf)

@@ -19,7 +19,7 @@ from wsss.crf.sweep import sweep_crf
 from wsss.errors import WsssError
 from wsss.manifest import StageOutcome, read_manifest
 from wsss.pipeline.runner import StageContext, open_split
-from wsss.pipeline.table import cam_source, folder_of, maps_folder
+from wsss.pipeline.table import cam_source, folder_of, get_stage, maps_folder
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +71,20 @@ def run(ctx: StageContext) -> dict:
 
 def sweep(cfg: Config, run_dir: Path, workers: int | None = None, maps: str = "crf") -> dict:
     """`wsss crf --sweep`: the crf.sweep grid on the maps the crf stage refines (``maps="crf"``, into
-    ``RUN/crf_sweep/``) or on the affinity stage's walked maps (``maps="affinity"``: confidence mode from
-    the affinity section's thresholds, into ``RUN/crf_sweep_affinity/``)."""
-    if maps == "affinity":
-        if read_manifest(folder_of(cfg, run_dir, "affinity")) is None:
-            raise WsssError("no finished affinity stage in this run directory to sweep on; run `wsss affinity CONFIG` first", run_dir)
-        source, crf, out, section = "affinity", cfg.affinity.crf_settings(cfg.crf), run_dir / "crf_sweep_affinity", "affinity"
+    ``RUN/crf_sweep/``) or on the maps of a later stage that runs its own CRF (``maps="seg-maps"`` or
+    ``"affinity"``: confidence mode from that section's thresholds, into ``RUN/crf_sweep_<section>/``)."""
+    if maps in ("seg-maps", "affinity"):
+        stage = get_stage(maps)
+        if read_manifest(folder_of(cfg, run_dir, maps)) is None:
+            raise WsssError(f"no finished {maps} stage in this run directory to sweep on; run `wsss {maps} CONFIG` first", run_dir)
+        section = stage.section
+        source, crf, out = maps, getattr(cfg, section).crf_settings(cfg.crf), run_dir / f"crf_sweep_{section}"
     elif maps == "crf":
         source, crf, out, section = cam_source(cfg, run_dir), cfg.crf, run_dir / "crf_sweep", "crf"
         if read_manifest(maps_folder(cfg, run_dir, source)) is None:
             raise WsssError(f"no finished {source} stage in this run directory to sweep on", run_dir)
     else:
-        raise WsssError(f"unknown maps to sweep on '{maps}' (crf, affinity)")
+        raise WsssError(f"unknown maps to sweep on '{maps}' (crf, seg-maps, affinity)")
     ds = open_split(run_dir, cfg.cam.split)
     return sweep_crf(crf, ds, maps_folder(cfg, run_dir, source), out, source, workers=workers, threshold_section=section)
 

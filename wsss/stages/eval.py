@@ -15,7 +15,7 @@ from wsss.evaluation.masks import evaluate_masks, write_mask_report
 from wsss.io import remove_temp_files, write_json
 from wsss.manifest import StageOutcome, read_manifest
 from wsss.pipeline.runner import StageContext
-from wsss.pipeline.table import EVAL_SUBFOLDER, folder_of, masks_folder
+from wsss.pipeline.table import EVAL_SUBFOLDER, folder_of, mask_stages, masks_folder
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def _scored(ctx: StageContext) -> tuple[list[str], list[str], dict | None]:
     """(finished map stages, finished mask stages, the predictions' manifest) this run scores."""
     cfg = ctx.cfg
     maps = [n for n in (("cam", "expand") if cfg.expand.enabled else ("cam",)) if read_manifest(ctx.folder(n)) is not None]
-    masks = [n for n in (("crf", "affinity") if cfg.affinity.enabled else ("crf",)) if read_manifest(ctx.folder(n)) is not None]
+    masks = [n for n in mask_stages(cfg) if read_manifest(ctx.folder(n)) is not None]
     return maps, masks, read_manifest(ctx.folder("predict"))
 
 
