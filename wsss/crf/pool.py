@@ -158,3 +158,16 @@ def write_stats(out_dir: Path, ids: Iterable[str]) -> dict[str, float]:
     write_text(out_dir / "stats.csv", buf.getvalue())
     return {"mean_fg_share": float(np.mean(fg)) if fg else 0.0, "mean_ignore_share": float(np.mean(ign)) if ign else 0.0}
 
+
+
+def refine_folder(ds: Dataset, maps: Path, masks: Path, cfg: CrfConfig, name: str) -> tuple[dict[str, float], list[str]]:
+    """A later stage's own CRF pass: the maps of ``ds`` in ``maps`` into ``masks/<id>.png`` (only those
+    missing) + ``stats.csv``. Returns the mean statistics and the warnings (also logged under ``name``)."""
+    masks.mkdir(parents=True, exist_ok=True)
+    jobs, _ = crf_jobs(ds, maps, masks)
+    run_crf(jobs, cfg, ds.num_classes, desc=f"{name}: crf")
+    stats = write_stats(masks, [s.id for s in ds])
+    warnings = empty_masks_warning(stats, len(ds))
+    for w in warnings:
+        log.warning("%s: %s", name, w)
+    return stats, warnings

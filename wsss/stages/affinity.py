@@ -23,7 +23,7 @@ import torch
 
 from wsss.affinity.train import load_affinity_head, train_affinity_head, walk_maps
 from wsss.config import Config, config_hash, config_to_dict
-from wsss.crf.pool import UNKEYED, crf_jobs, empty_masks_warning, run_crf, write_stats
+from wsss.crf.pool import UNKEYED, refine_folder
 from wsss.engine.core import resolve_device
 from wsss.errors import WsssError
 from wsss.manifest import StageOutcome, keep_keyed_outputs
@@ -106,17 +106,10 @@ def run(ctx: StageContext) -> dict:
     walked = walk_maps(backbone, head, ds, map_dir, maps, a, meta["mean"], meta["std"], device)
     t_walk = time.perf_counter() - t0
     t0 = time.perf_counter()
-    crf_cfg = a.crf_settings(cfg.crf)
-    masks.mkdir(parents=True, exist_ok=True)
-    jobs, _ = crf_jobs(ds, maps, masks)
-    run_crf(jobs, crf_cfg, ds.num_classes, desc="affinity: crf")
-    stats = write_stats(masks, [s.id for s in ds])
+    stats, warnings = refine_folder(ds, maps, masks, a.crf_settings(cfg.crf), "affinity")
     t_crf = time.perf_counter() - t0
     log.info("affinity: %d images from %s; head %.0f s, walk %.0f s, crf %.0f s; foreground %.1f%%, ignored %.1f%% -> %s",
              len(ds), source, t_train, t_walk, t_crf, 100 * stats["mean_fg_share"], 100 * stats["mean_ignore_share"], masks)
-    warnings = empty_masks_warning(stats, len(ds))
-    for w in warnings:
-        log.warning("affinity: %s", w)
     return {"images": len(ds), "source": source, "walked": walked, "warnings": warnings, "train_s": round(t_train, 1), "walk_s": round(t_walk, 1),
             "crf_s": round(t_crf, 1), "final_loss": train["final_loss"], **{k: round(v, 4) for k, v in stats.items()}}
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from wsss.config import Config, config_hash, config_to_dict
-from wsss.crf.pool import UNKEYED, crf_jobs, empty_masks_warning, run_crf, write_stats
+from wsss.crf.pool import UNKEYED, refine_folder
 from wsss.engine.core import resolve_device
 from wsss.engine.segmenter import pseudo_mask_source, train_segmenter
 from wsss.inference import write_label_maps
@@ -90,16 +90,10 @@ def run(ctx: StageContext) -> dict:
                                 seg_cfg.resize_long or meta.get("resize_long"), device, batch_size=cfg.predict.batch_size)
     t_maps = time.perf_counter() - t0
     t0 = time.perf_counter()
-    masks_dir.mkdir(parents=True, exist_ok=True)
-    jobs, _ = crf_jobs(ds, maps, masks_dir)
-    run_crf(jobs, s.crf_settings(cfg.crf), ds.num_classes, desc="seg-maps: crf")
-    stats = write_stats(masks_dir, [x.id for x in ds])
+    stats, warnings = refine_folder(ds, maps, masks_dir, s.crf_settings(cfg.crf), "seg-maps")
     t_crf = time.perf_counter() - t0
     log.info("seg-maps: %d images; segmenter %.0f s, maps %.0f s (%d computed), crf %.0f s; foreground %.1f%%, ignored %.1f%% -> %s",
              len(ds), t_train, t_maps, computed, t_crf, 100 * stats["mean_fg_share"], 100 * stats["mean_ignore_share"], masks_dir)
-    warnings = empty_masks_warning(stats, len(ds))
-    for w in warnings:
-        log.warning("seg-maps: %s", w)
     return {"images": len(ds), "maps_computed": computed, "warnings": warnings, "train_s": round(t_train, 1),
             "maps_s": round(t_maps, 1), "crf_s": round(t_crf, 1), "final": final,
             **{k: round(v, 4) for k, v in stats.items()}}
