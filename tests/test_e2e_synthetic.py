@@ -157,6 +157,14 @@ def test_seg_maps_stage_through_the_cli(demo_run, capsys):
     assert main(["seg-maps", *args, "segmaps.fg_threshold=0.5", "segmaps.low_threshold=0.2"]) == 0
     assert {p: p.stat().st_mtime_ns for p in kept} == before
     assert (out / "masks" / "stats.csv").read_text() != stats_before and len(list((out / "masks").glob("*.png"))) == 500
+    plain = {s.id: load_cam(out / "maps" / f"{s.id}.npz")[1] for s in ds.samples[:20]}
+    seg_time = (out / "segmenter" / "segmenter.pt").stat().st_mtime_ns
+    assert main(["seg-maps", *args, "segmaps.merge_cams=true"]) == 0  # the same segmenter, new maps
+    assert (out / "segmenter" / "segmenter.pt").stat().st_mtime_ns == seg_time
+    for sid, m in plain.items():
+        cam = load_cam(demo_run / "cam" / f"{sid}.npz")[1]
+        merged = load_cam(out / "maps" / f"{sid}.npz")[1]
+        assert np.abs(merged - np.maximum(m, cam)).max() < 1e-3, sid  # one fp16 step near 1
 
 
 def test_segmenter_learns_from_the_pseudo_masks(demo_run):

@@ -17,7 +17,7 @@ from wsss.io import read_image, read_mask, write_palette_png
 from wsss.models.segmenter import SEGMENTERS, create_segmenter
 from wsss.data.presets import train_transform
 from wsss.engine.segmenter import SegDataset, seg_loss, train_segmenter
-from wsss.inference import input_items, label_maps, overlay, predict_items, predict_probs, write_label_maps
+from wsss.inference import input_items, label_maps, max_merge, overlay, predict_items, predict_probs, write_label_maps
 from wsss.models.checkpoint import load_segmenter, save_checkpoint
 
 from tests.conftest import make_voc
@@ -422,6 +422,42 @@ def test_write_label_maps_writes_the_cam_format_and_resumes(voc, tmp_path):
     assert write_label_maps(_model(), items, out, [1.0], True, None, torch.device("cpu")) == 1
 
 
+def test_max_merge_matches_classes_by_id_and_leaves_its_inputs():
+    rng = np.random.default_rng(4)
+    maps, other = rng.random((2, 3, 4)).astype(np.float32), rng.random((3, 3, 4)).astype(np.float32)
+    before = maps.copy(), other.copy()
+    m = max_merge([5, 2], maps, [2, 7, 5], other)
+    assert np.array_equal(maps, before[0]) and np.array_equal(other, before[1])
+    assert np.array_equal(m[0], np.maximum(maps[0], other[2])) and np.array_equal(m[1], np.maximum(maps[1], other[0]))
+    m = max_merge([5, 3], maps, [5], other[:1])
+    assert np.array_equal(m[1], maps[1]), "a class the other maps lack keeps its own map"
+    with pytest.raises(ValueError, match="cannot be merged"):
+        max_merge([5, 2], maps, [5], other[:1, :2])
+
+
+def test_write_label_maps_merges_the_cams(voc, tmp_path):
+    from wsss.camfile import load_cam, save_cam
+
+    ds = load_voc(voc, "train")
+    items = [(s.id, s.image, s.labels) for s in ds]
+    cams = tmp_path / "cams"
+    for s in ds:
+        h, w = read_mask(voc / "SegmentationClass" / f"{s.id}.png").shape
+        cam = np.zeros((len(s.labels), h, w), np.float32)
+        cam[:, : h // 2] = 1.0  # the top half certain: the merged maps must be 1 there, the segmenter's below
+        save_cam(cams / f"{s.id}.npz", np.array(s.labels), cam)
+    write_label_maps(_model(), items, tmp_path / "plain", [1.0], False, None, torch.device("cpu"))
+    write_label_maps(_model(), items, tmp_path / "merged", [1.0], False, None, torch.device("cpu"), merge_dir=cams)
+    for s in ds:
+        _, plain = load_cam(tmp_path / "plain" / f"{s.id}.npz")
+        classes, merged = load_cam(tmp_path / "merged" / f"{s.id}.npz")
+        h = merged.shape[1]
+        assert classes.tolist() == list(s.labels)
+        assert (merged[:, : h // 2] == 1).all() and np.array_equal(merged[:, h // 2:], plain[:, h // 2:])
+    with pytest.raises(DataError, match="CAM file not found"):
+        write_label_maps(_model(), items, tmp_path / "none", [1.0], False, None, torch.device("cpu"), merge_dir=tmp_path / "no")
+
+
 def test_seg_maps_keys_ignore_only_what_they_do_not_read(tmp_path):
     """The segmenter is reused across runs that differ only in inference settings or CRF thresholds, the
     maps only across thresholds; its epochs, the train_seg recipe, the seed or the crf masks retrain it.
@@ -438,7 +474,7 @@ def test_seg_maps_keys_ignore_only_what_they_do_not_read(tmp_path):
     seg, maps = keys()
     assert keys("segmaps.fg_threshold=0.5", "segmaps.low_threshold=0.2") == (seg, maps) == keys("segmaps.device=cpu")
     assert keys(f"train_seg.mask_dir={tmp_path}") == keys("train_seg.epochs=12") == keys("train_seg.eval_every=3") == (seg, maps)
-    for maps_only in ("segmaps.scales=[1.0]", "segmaps.flip=false"):
+    for maps_only in ("segmaps.scales=[1.0]", "segmaps.flip=false", "segmaps.merge_cams=true"):
         s, m = keys(maps_only)
         assert s == seg and m != maps, maps_only
     for other in (keys("segmaps.epochs=2"), keys("train_seg.lr=0.01"), keys("train_seg.arch=deeplabv3plus"), keys("run.seed=1"),

@@ -373,6 +373,8 @@ class SegMapsConfig(_FinalCrf):
     scales: list[float] = Field(default_factory=lambda: [0.75, 1.0, 1.25], min_length=1,
                                 description="inference scales (relative to train_seg.resize_long), averaged")
     flip: bool = Field(True, description="also average the mirrored photo")
+    merge_cams: bool = Field(False, description="maps: per pixel and class the larger of the segmenter's and the CAMs "
+                                                "the crf stage read (gives back small objects the segmenter misses)")
     fg_threshold: float = Field(0.3, ge=0, le=1, description="CRF confidence mode on the maps: background score of the foreground pass")
     low_threshold: float = Field(0.1, ge=0, le=1, description="... and of the background pass (between the two: 255)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")

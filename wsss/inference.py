@@ -184,13 +184,28 @@ def label_maps(probs: np.ndarray, labels: Sequence[int]) -> np.ndarray:
     return np.clip(restrict_to_labels(probs, labels)[labels], 0.0, 1.0)
 
 
+def max_merge(classes: Sequence[int], maps: np.ndarray, other_classes: Sequence[int], other: np.ndarray) -> np.ndarray:
+    """Per pixel and class the larger of ``maps (k, H, W)`` (of class ids ``classes``) and ``other (m, H, W)``
+    (of ``other_classes``), matched by class id; a class ``other`` lacks keeps its map. Returns
+    ``(k, H, W)``; modifies neither input."""
+    if other.shape[1:] != maps.shape[1:]:
+        raise ValueError(f"maps of size {maps.shape[1:]} and {other.shape[1:]} cannot be merged")
+    out = np.array(maps, np.float32, copy=True)
+    where = {int(c): i for i, c in enumerate(other_classes)}
+    for i, c in enumerate(classes):
+        if int(c) in where:
+            np.maximum(out[i], other[where[int(c)]], out=out[i])
+    return out
+
+
 def write_label_maps(model: "Segmenter", items: Sequence[tuple[str, Path, Sequence[int]]], out_dir: str | Path,
                      scales: Sequence[float], flip: bool, resize_long: int | None, device: torch.device,
-                     batch_size: int = 8) -> int:
+                     batch_size: int = 8, merge_dir: str | Path | None = None) -> int:
     """Each ``(id, image path, labels)`` photo's :func:`label_maps` into ``out_dir/<id>.npz`` (the CAM
-    format, written atomically); photos whose file exists are skipped (a killed run resumes). Returns
-    how many were computed."""
-    from wsss.camfile import save_cam
+    format, written atomically); photos whose file exists are skipped (a killed run resumes). With
+    ``merge_dir``, each photo's maps are merged by :func:`max_merge` with ``merge_dir/<id>.npz`` (CAM format).
+    Returns how many were computed."""
+    from wsss.camfile import load_cam, save_cam
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -201,7 +216,15 @@ def write_label_maps(model: "Segmenter", items: Sequence[tuple[str, Path, Sequen
     for sid, _, p in iter_probs(model, todo, scales, flip, resize_long, device, batch_size=batch_size):
         dest = out_dir / f"{sid}.npz"
         dest.parent.mkdir(parents=True, exist_ok=True)  # ids may hold folders
-        save_cam(dest, np.array(labels[sid], np.int64), label_maps(p, labels[sid]))
+        maps = label_maps(p, labels[sid])
+        if merge_dir is not None:
+            cam_path = Path(merge_dir) / f"{sid}.npz"
+            classes, cams = load_cam(cam_path, p.shape[0] - 1)
+            if cams.shape[1:] != maps.shape[1:]:
+                raise DataError(f"CAM size {cams.shape[1]}x{cams.shape[2]} differs from its image's "
+                                f"{maps.shape[1]}x{maps.shape[2]}", cam_path)
+            maps = max_merge(labels[sid], maps, classes, cams)
+        save_cam(dest, np.array(labels[sid], np.int64), maps)
         bar.update(1)
     bar.close()
     return len(todo)

@@ -4,7 +4,9 @@
 A segmenter trained per pixel on the whole train set learns what the confident parts of the masks have
 in common and marks them where a photo's CAM missed them (the body of a dog whose head the CAM found).
 Its class probabilities on the train photos, renormalised over background and each photo's labels, are
-the new maps; the CRF in confidence mode (this section's thresholds) turns them into pseudo-masks.
+the new maps; with ``segmaps.merge_cams`` each is the larger of them and the CAMs the crf stage read,
+which gives back small objects the segmenter misses. The CRF in confidence mode (this section's
+thresholds) turns them into pseudo-masks.
 Reads the images and ``RUN/crf/*.png`` (never ground truth). Output folder ``RUN/segmaps/``:
 ``segmenter/`` (segmenter.pt, checkpoint.pt while training, log.csv, config.yaml: the train_seg
 settings it was trained with), ``maps/<id>.npz`` (the format of RUN/cam),
@@ -28,7 +30,7 @@ from wsss.inference import write_label_maps
 from wsss.manifest import StageOutcome, keep_keyed_outputs
 from wsss.models.checkpoint import load_segmenter
 from wsss.pipeline.runner import StageContext
-from wsss.pipeline.table import get_stage, masks_folder
+from wsss.pipeline.table import cam_source, get_stage, maps_folder, masks_folder
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ SEGMENTER = "segmenter"
 MAPS_OUTPUTS = (get_stage("seg-maps").maps,)
 SEG_OUTPUTS = tuple(n for n in get_stage("seg-maps").keep if n not in (*MAPS_OUTPUTS, SEG_MARKER, MAPS_MARKER))
 #: settings only the maps read: changing them keeps the trained segmenter
-MAPS_ONLY = ("scales", "flip")
+MAPS_ONLY = ("scales", "flip", "merge_cams")
 #: train_seg settings the segmenter here does not depend on (where the final segmenter's masks come from; speed only)
 SEG_UNKEYED = ("workers", "threads", "device", "masks", "mask_dir")
 
@@ -86,8 +88,10 @@ def run(ctx: StageContext) -> dict:
     model, meta = load_segmenter(seg_dir / "segmenter.pt", device)
     stage = get_stage("seg-maps")
     maps, masks_dir = out / stage.maps, out / stage.masks
+    merge_dir = maps_folder(cfg, ctx.run_dir, cam_source(cfg, ctx.run_dir)) if s.merge_cams else None
     computed = write_label_maps(model, [(x.id, x.image, x.labels) for x in ds], maps, s.scales, s.flip,
-                                seg_cfg.resize_long or meta.get("resize_long"), device, batch_size=cfg.predict.batch_size)
+                                seg_cfg.resize_long or meta.get("resize_long"), device, batch_size=cfg.predict.batch_size,
+                                merge_dir=merge_dir)
     t_maps = time.perf_counter() - t0
     t0 = time.perf_counter()
     stats, warnings = refine_folder(ds, maps, masks_dir, s.crf_settings(cfg.crf), "seg-maps")
