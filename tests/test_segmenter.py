@@ -456,6 +456,9 @@ def test_write_label_maps_merges_the_cams(voc, tmp_path):
         assert (merged[:, : h // 2] == 1).all() and np.array_equal(merged[:, h // 2:], plain[:, h // 2:])
     with pytest.raises(DataError, match="CAM file not found"):
         write_label_maps(_model(), items, tmp_path / "none", [1.0], False, None, torch.device("cpu"), merge_dir=tmp_path / "no")
+    save_cam(cams / f"{ds[0].id}.npz", np.array(ds[0].labels), np.zeros((len(ds[0].labels), 3, 3), np.float32))
+    with pytest.raises(DataError, match="CAM size 3x3 differs from its image's"):
+        write_label_maps(_model(), items, tmp_path / "bad", [1.0], False, None, torch.device("cpu"), merge_dir=cams)
 
 
 def test_seg_maps_keys_ignore_only_what_they_do_not_read(tmp_path):

@@ -23,8 +23,10 @@ def save_cam(path: str | Path, classes: np.ndarray, cam: np.ndarray) -> None:
         np.savez(f, classes=classes.astype(np.int16), cam=cam.astype(np.float16))
 
 
-def load_cam(path: str | Path, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``(classes (k,) int64, cam (k, H, W) float32)`` from a CAM ``.npz``, validating it."""
+def load_cam(path: str | Path, num_classes: int | None = None,
+             size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``(classes (k,) int64, cam (k, H, W) float32)`` from a CAM ``.npz``, validating it (and, with
+    ``size``, that ``(H, W)`` is its image's size)."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -41,4 +43,6 @@ def load_cam(path: str | Path, num_classes: int | None = None) -> tuple[np.ndarr
         raise DataError(f"cam values must be in [0, 1], found {cam.min():.3g}..{cam.max():.3g}", path)
     if num_classes is not None and len(classes) and (classes.min() < 1 or classes.max() > num_classes):
         raise DataError(f"class ids {classes.tolist()} outside 1..{num_classes}", path)
+    if size is not None and cam.shape[1:] != tuple(size):
+        raise DataError(f"CAM size {cam.shape[1]}x{cam.shape[2]} differs from its image's {size[0]}x{size[1]}", path)
     return classes, cam

@@ -218,11 +218,7 @@ def write_label_maps(model: "Segmenter", items: Sequence[tuple[str, Path, Sequen
         dest.parent.mkdir(parents=True, exist_ok=True)  # ids may hold folders
         maps = label_maps(p, labels[sid])
         if merge_dir is not None:
-            cam_path = Path(merge_dir) / f"{sid}.npz"
-            classes, cams = load_cam(cam_path, p.shape[0] - 1)
-            if cams.shape[1:] != maps.shape[1:]:
-                raise DataError(f"CAM size {cams.shape[1]}x{cams.shape[2]} differs from its image's "
-                                f"{maps.shape[1]}x{maps.shape[2]}", cam_path)
+            classes, cams = load_cam(Path(merge_dir) / f"{sid}.npz", p.shape[0] - 1, size=maps.shape[1:])
             maps = max_merge(labels[sid], maps, classes, cams)
         save_cam(dest, np.array(labels[sid], np.int64), maps)
         bar.update(1)

@@ -37,11 +37,8 @@ Job = tuple[str, str, str, str]  # (id, image path, cam path, output png path)
 def crf_one(job: Job, cfg: CrfConfig, num_classes: int) -> dict:
     """Refine one image's CAMs into its pseudo-mask PNG; returns the mask's stats (with its id)."""
     sid, image_path, cam_path, out_path = job
-    classes, cams = load_cam(cam_path, num_classes)
     image = read_image(image_path)
-    if cams.shape[1:] != image.shape[:2]:
-        raise DataError(f"CAM size {cams.shape[1]}x{cams.shape[2]} differs from its image's "
-                        f"{image.shape[0]}x{image.shape[1]}", cam_path)
+    classes, cams = load_cam(cam_path, num_classes, size=image.shape[:2])
     h, w = image.shape[:2]
     if cfg.max_side is not None and max(h, w) > cfg.max_side:  # bounded memory: refine smaller, label the photo's pixels
         r = cfg.max_side / max(h, w)
@@ -157,7 +154,6 @@ def write_stats(out_dir: Path, ids: Iterable[str]) -> dict[str, float]:
         ign.append(st["ignore_share"])
     write_text(out_dir / "stats.csv", buf.getvalue())
     return {"mean_fg_share": float(np.mean(fg)) if fg else 0.0, "mean_ignore_share": float(np.mean(ign)) if ign else 0.0}
-
 
 
 def refine_folder(ds: Dataset, maps: Path, masks: Path, cfg: CrfConfig, name: str) -> tuple[dict[str, float], list[str]]:
