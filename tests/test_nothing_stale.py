@@ -323,7 +323,7 @@ def test_a_huge_photo_is_processed_at_the_capped_side_and_written_at_its_own(mon
     assert cams.shape == (1, 300, 500) and max(max(s) for s in seen) <= 200, seen
     shapes = []
     monkeypatch.setattr(pool, "pseudo_mask", lambda im, c, m, cfg: (shapes.append(im.shape), pseudo_mask(im, c, m, cfg))[1])
-    monkeypatch.setattr(pool, "load_cam", lambda path, k: (classes.astype(np.int64), cams))
+    monkeypatch.setattr(pool, "load_cam", lambda path, k, size=None: (classes.astype(np.int64), cams))
     monkeypatch.setattr(pool, "read_image", lambda path: photo)
     written = {}
     monkeypatch.setattr(pool, "write_palette_png", lambda path, mask: written.setdefault("mask", mask))
