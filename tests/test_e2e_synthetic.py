@@ -119,7 +119,8 @@ def test_seg_maps_stage_through_the_cli(demo_run, capsys):
     """`wsss seg-maps` on the finished run: a segmenter trained on the crf masks gives maps in the CAMs'
     format and classes; its pseudo-masks reach more of each object than the crf masks (scored on every
     pixel); the affinity stage and train-seg would read them; a re-run is up to date and new CRF thresholds
-    reuse the segmenter and the maps."""
+    reuse the segmenter and the maps; merging the CAMs or another mapping size (segmaps.resize_long) reuse
+    the segmenter and make new maps."""
     from wsss.cli import main
     from wsss.config import load_config
     from wsss.pipeline.table import pseudo_mask_stage
@@ -165,6 +166,11 @@ def test_seg_maps_stage_through_the_cli(demo_run, capsys):
         cam = load_cam(demo_run / "cam" / f"{sid}.npz")[1]
         merged = load_cam(out / "maps" / f"{sid}.npz")[1]
         assert np.abs(merged - np.maximum(m, cam)).max() < 1e-3, sid  # one fp16 step near 1
+    assert main(["seg-maps", *args, "segmaps.resize_long=96"]) == 0  # the same segmenter maps 128-px photos at 96
+    assert (out / "segmenter" / "segmenter.pt").stat().st_mtime_ns == seg_time
+    for sid, m in plain.items():
+        small = load_cam(out / "maps" / f"{sid}.npz")[1]
+        assert small.shape == m.shape and np.abs(small - m).max() > 0.05, sid
 
 
 def test_segmenter_learns_from_the_pseudo_masks(demo_run):

@@ -477,7 +477,7 @@ def test_seg_maps_keys_ignore_only_what_they_do_not_read(tmp_path):
     seg, maps = keys()
     assert keys("segmaps.fg_threshold=0.5", "segmaps.low_threshold=0.2") == (seg, maps) == keys("segmaps.device=cpu")
     assert keys(f"train_seg.mask_dir={tmp_path}") == keys("train_seg.epochs=12") == keys("train_seg.eval_every=3") == (seg, maps)
-    for maps_only in ("segmaps.scales=[1.0]", "segmaps.flip=false", "segmaps.merge_cams=true"):
+    for maps_only in ("segmaps.scales=[1.0]", "segmaps.flip=false", "segmaps.resize_long=400", "segmaps.merge_cams=true"):
         s, m = keys(maps_only)
         assert s == seg and m != maps, maps_only
     for other in (keys("segmaps.epochs=2"), keys("train_seg.lr=0.01"), keys("train_seg.arch=deeplabv3plus"), keys("run.seed=1"),

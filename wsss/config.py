@@ -373,6 +373,8 @@ class SegMapsConfig(_FinalCrf):
     scales: list[float] = Field(default_factory=lambda: [0.75, 1.0, 1.25], min_length=1,
                                 description="inference scales (relative to train_seg.resize_long), averaged")
     flip: bool = Field(True, description="also average the mirrored photo")
+    resize_long: int | None = Field(None, ge=16, description="long side the network sees at scale 1 when mapping "
+                                                             "(default: train_seg.resize_long)")
     merge_cams: bool = Field(False, description="maps: per pixel and class the larger of the segmenter's and the CAMs "
                                                 "the crf stage read (gives back small objects the segmenter misses)")
     fg_threshold: float = Field(0.3, ge=0, le=1, description="CRF confidence mode on the maps: background score of the foreground pass")

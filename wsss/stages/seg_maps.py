@@ -40,7 +40,7 @@ SEGMENTER = "segmenter"
 MAPS_OUTPUTS = (get_stage("seg-maps").maps,)
 SEG_OUTPUTS = tuple(n for n in get_stage("seg-maps").keep if n not in (*MAPS_OUTPUTS, SEG_MARKER, MAPS_MARKER))
 #: settings only the maps read: changing them keeps the trained segmenter
-MAPS_ONLY = ("scales", "flip", "merge_cams")
+MAPS_ONLY = ("scales", "flip", "resize_long", "merge_cams")
 #: train_seg settings the segmenter here does not depend on (where the final segmenter's masks come from; speed only)
 SEG_UNKEYED = ("workers", "threads", "device", "masks", "mask_dir")
 
@@ -90,7 +90,7 @@ def run(ctx: StageContext) -> dict:
     maps, masks_dir = out / stage.maps, out / stage.masks
     merge_dir = maps_folder(cfg, ctx.run_dir, cam_source(cfg, ctx.run_dir)) if s.merge_cams else None
     computed = write_label_maps(model, [(x.id, x.image, x.labels) for x in ds], maps, s.scales, s.flip,
-                                seg_cfg.resize_long or meta.get("resize_long"), device, batch_size=cfg.predict.batch_size,
+                                s.resize_long or seg_cfg.resize_long or meta.get("resize_long"), device, batch_size=cfg.predict.batch_size,
                                 merge_dir=merge_dir)
     t_maps = time.perf_counter() - t0
     t0 = time.perf_counter()
