@@ -89,9 +89,9 @@ def run(ctx: StageContext) -> dict:
     stage = get_stage("seg-maps")
     maps, masks_dir = out / stage.maps, out / stage.masks
     merge_dir = maps_folder(cfg, ctx.run_dir, cam_source(cfg, ctx.run_dir)) if s.merge_cams else None
-    computed = write_label_maps(model, [(x.id, x.image, x.labels) for x in ds], maps, s.scales, s.flip,
-                                s.resize_long or seg_cfg.resize_long or meta.get("resize_long"), device, batch_size=cfg.predict.batch_size,
-                                merge_dir=merge_dir)
+    size = s.resize_long or seg_cfg.resize_long or meta.get("resize_long")
+    computed = write_label_maps(model, [(x.id, x.image, x.labels) for x in ds], maps, s.scales, s.flip, size, device,
+                                batch_size=cfg.predict.batch_size, merge_dir=merge_dir)
     t_maps = time.perf_counter() - t0
     t0 = time.perf_counter()
     stats, warnings = refine_folder(ds, maps, masks_dir, s.crf_settings(cfg.crf), "seg-maps")
