@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from wsss.config import PredictConfig, TrainSegConfig, load_config
+from wsss.config import PredictConfig, TrainSegConfig, config_hash, load_config
 from wsss.data.dataset import load_voc
-from wsss.errors import DataError, WsssError
+from wsss.errors import ConfigError, DataError, WsssError
 from wsss.io import read_image, read_mask, write_palette_png
 from wsss.models.segmenter import SEGMENTERS, create_segmenter
 from wsss.data.presets import train_transform
@@ -467,7 +467,7 @@ def test_seg_maps_keys_ignore_only_what_they_do_not_read(tmp_path):
     Where the final segmenter's masks come from (train_seg.mask_dir) does not."""
     from types import SimpleNamespace
 
-    from wsss.stages.seg_maps import _keys
+    from wsss.stages.seg_maps import _keys, section
 
     def keys(*over, crf_key="c1"):
         cfg = load_config(None, ["segmaps.enabled=true", *over])
@@ -481,8 +481,27 @@ def test_seg_maps_keys_ignore_only_what_they_do_not_read(tmp_path):
         s, m = keys(maps_only)
         assert s == seg and m != maps, maps_only
     for other in (keys("segmaps.epochs=2"), keys("train_seg.lr=0.01"), keys("train_seg.arch=deeplabv3plus"), keys("run.seed=1"),
-                  keys(crf_key="c2")):
+                  keys(crf_key="c2"), keys("train_seg.crop_size=320"), keys("segmaps.crop_size=200"),
+                  keys("segmaps.train_resize_long=400")):
         assert other[0] != seg and other[1] != maps
+    # its own training sizes pin the segmenter whatever the final segmenter's are; naming the default is no change
+    assert keys("segmaps.crop_size=256") == (seg, maps) == keys("train_seg.crop_size=320", "segmaps.crop_size=256")
+    assert keys("train_seg.resize_long=500", "segmaps.train_resize_long=400") == keys("segmaps.train_resize_long=400")
+    stage_key = lambda *over: config_hash(section(load_config(None, ["segmaps.enabled=true", *over])))
+    assert stage_key("segmaps.crop_size=256", "segmaps.device=cpu") == stage_key() != stage_key("segmaps.crop_size=200")
+
+
+def test_seg_maps_segmenter_settings_take_its_own_sizes():
+    cfg = load_config(None, ["train_seg.crop_size=320", "train_seg.resize_long=400", "train_seg.epochs=6"])
+    same = cfg.segmaps.segmenter_settings(cfg.train_seg)
+    assert (same.crop_size, same.resize_long, same.epochs) == (320, 400, cfg.segmaps.epochs)
+    cfg = load_config(None, ["train_seg.crop_size=320", "train_seg.resize_long=400", "segmaps.crop_size=256",
+                             "segmaps.train_resize_long=320"])
+    own = cfg.segmaps.segmenter_settings(cfg.train_seg)
+    assert (own.crop_size, own.resize_long) == (256, 320)
+    assert (cfg.train_seg.crop_size, cfg.train_seg.resize_long) == (320, 400)  # the final segmenter's untouched
+    with pytest.raises(ConfigError, match="crop_size"):
+        load_config(None, ["segmaps.crop_size=8"])
 
 
 def test_input_items_errors(tmp_path):

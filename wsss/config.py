@@ -370,11 +370,14 @@ class SegMapsConfig(_FinalCrf):
 
     enabled: bool = Field(False, description="run this stage in `wsss run` (affinity, or train-seg without it, reads RUN/segmaps)")
     epochs: int = Field(4, ge=1, description="training epochs of the segmenter (the rest of its settings: the train_seg section)")
+    train_resize_long: int | None = Field(None, ge=16, description="long side of the photos the segmenter trains on "
+                                                                   "(default: train_seg.resize_long)")
+    crop_size: int | None = Field(None, ge=16, description="its training crop side (default: train_seg.crop_size)")
     scales: list[float] = Field(default_factory=lambda: [0.75, 1.0, 1.25], min_length=1,
-                                description="inference scales (relative to train_seg.resize_long), averaged")
+                                description="inference scales (relative to the segmenter's training long side), averaged")
     flip: bool = Field(True, description="also average the mirrored photo")
     resize_long: int | None = Field(None, ge=16, description="long side the network sees at scale 1 when mapping "
-                                                             "(default: train_seg.resize_long)")
+                                                             "(default: the segmenter's training long side)")
     merge_cams: bool = Field(False, description="maps: per pixel and class the larger of the segmenter's and the CAMs "
                                                 "the crf stage read (gives back small objects the segmenter misses)")
     fg_threshold: float = Field(0.3, ge=0, le=1, description="CRF confidence mode on the maps: background score of the foreground pass")
@@ -382,8 +385,14 @@ class SegMapsConfig(_FinalCrf):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
 
     def segmenter_settings(self, train_seg: "TrainSegConfig") -> "TrainSegConfig":
-        """``train_seg`` with this section's epochs and device, never scoring val (the maps are for train)."""
-        return train_seg.model_copy(update={"epochs": self.epochs, "device": self.device, "eval_every": 0})
+        """``train_seg`` with this section's epochs, input sizes and device, never scoring val (the maps are for
+        train)."""
+        update = {"epochs": self.epochs, "device": self.device, "eval_every": 0}
+        if self.train_resize_long is not None:
+            update["resize_long"] = self.train_resize_long
+        if self.crop_size is not None:
+            update["crop_size"] = self.crop_size
+        return train_seg.model_copy(update=update)
 
     @model_validator(mode="after")
     def _check(self) -> "SegMapsConfig":

@@ -43,6 +43,9 @@ SEG_OUTPUTS = tuple(n for n in get_stage("seg-maps").keep if n not in (*MAPS_OUT
 MAPS_ONLY = ("scales", "flip", "resize_long", "merge_cams")
 #: train_seg settings the segmenter here does not depend on (where the final segmenter's masks come from; speed only)
 SEG_UNKEYED = ("workers", "threads", "device", "masks", "mask_dir")
+#: segmaps settings left out of its own part of the key: the device (speed only) and the training sizes, keyed
+#: through the segmenter's effective train_seg settings (naming train_seg's own value there or leaving it out: one key)
+SEGMAPS_UNKEYED = ("device", "train_resize_long", "crop_size")
 
 
 def inputs(ctx: StageContext) -> dict[str, str]:
@@ -52,7 +55,7 @@ def inputs(ctx: StageContext) -> dict[str, str]:
 
 def section(cfg: Config) -> dict:
     seg = config_to_dict(cfg.segmaps.segmenter_settings(cfg.train_seg))
-    return {"segmaps": {k: v for k, v in config_to_dict(cfg.segmaps).items() if k != "device"},
+    return {"segmaps": {k: v for k, v in config_to_dict(cfg.segmaps).items() if k not in SEGMAPS_UNKEYED},
             "train_seg": {k: v for k, v in seg.items() if k not in SEG_UNKEYED} | {"seed": cfg.run.seed},
             "crf": {k: v for k, v in config_to_dict(cfg.crf).items() if k not in UNKEYED}}
 
