@@ -16,6 +16,7 @@ from wsss.errors import ConfigError, DataError, WsssError
 from wsss.io import read_image, read_mask, write_palette_png
 from wsss.models.segmenter import SEGMENTERS, create_segmenter
 from wsss.data.presets import train_transform
+from wsss.engine.core import autocast
 from wsss.engine.segmenter import SegDataset, seg_loss, train_segmenter
 from wsss.inference import input_items, label_maps, max_merge, overlay, predict_items, predict_probs, write_label_maps
 from wsss.models.checkpoint import load_segmenter, save_checkpoint
@@ -339,6 +340,24 @@ def test_training_lowers_the_loss_and_scores_val(small_voc, tmp_path):
     assert all("val_mIoU" in r for r in res["history"])
 
 
+def test_training_in_bf16_on_cpu_lowers_the_loss_and_keeps_float32_weights(small_voc, tmp_path):
+    ds = load_voc(small_voc, "train")
+    res = train_segmenter(_tiny_cfg(epochs=6, head_dropout=0.0, amp="bf16"), ds, ds.read_mask, tmp_path / "t", val_ds=ds)
+    losses = [r["loss"] for r in res["history"]]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    weights = torch.load(tmp_path / "t" / "segmenter.pt", weights_only=True)["model"]
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+
+
+def test_autocast_is_bf16_on_cpu_and_fp16_only_on_cuda():
+    conv, x, cpu = torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8), torch.device("cpu")
+    with autocast(cpu, "bf16"):
+        assert conv(x).dtype == torch.bfloat16
+    for amp in ("none", "fp16"):
+        with autocast(cpu, amp):
+            assert conv(x).dtype == torch.float32
+
+
 # -------------------------------------------------------------------------------------------------- predict
 
 
@@ -358,6 +377,15 @@ def test_predict_probs_odd_sizes_scales_and_flip():
     # flip averaging makes the prediction of the mirrored photo the mirror of the prediction
     q = predict_probs(_model(), [img[:, ::-1].copy()], scales=[0.5, 1.0, 1.5], flip=True, resize_long=70)
     assert np.allclose(q[0], p[0][:, :, ::-1], atol=1e-5)
+
+
+def test_predict_probs_in_bf16_stay_float32_and_close_to_float32():
+    img = np.random.default_rng(2).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    full = predict_probs(_model(), [img], scales=[1.0, 0.5], resize_long=70)
+    half = predict_probs(_model(), [img], scales=[1.0, 0.5], resize_long=70, amp="bf16")
+    assert half.dtype == np.float32 and np.allclose(half.sum(1), 1.0, atol=1e-5)
+    assert not np.array_equal(half, full)  # bf16 really ran
+    assert np.abs(half - full).max() < 0.05
 
 
 def test_predict_batch_equals_one_by_one():

@@ -159,7 +159,8 @@ class TrainSegConfig(TrainCommon):
     crop_size: int = Field(256, ge=16, description="training crop side (pixels)")
     scale_range: tuple[float, float] = Field((0.5, 1.5), description="random rescale range")
     color_jitter: float = Field(0.0, ge=0, le=1)
-    amp: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision on CUDA (ignored on CPU)")
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision: bf16 on CUDA or CPU (fast on CPUs "
+                                                 "with native bf16: AVX512-BF16, AMX), fp16 on CUDA only (ignored on CPU)")
     eval_every: int = Field(1, ge=0, description="score the val split every N epochs when it has masks (0 = never)")
     loss_drop: float = Field(0.0, ge=0, lt=1, description="label-noise tolerance: leave this share of each class's labelled "
                              "pixels in a batch with the largest loss out of the loss (0 = plain cross-entropy)")
@@ -198,7 +199,8 @@ class PredictConfig(Section):
     overlay: bool = Field(True, description="also write overlays (photo blended with the mask colours) as JPEG")
     batch_size: int = Field(4, ge=1, description="same-size images per forward pass")
     device: str = "auto"
-    amp: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision on CUDA (ignored on CPU)")
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision: bf16 on CUDA or CPU (fast on CPUs "
+                                                 "with native bf16: AVX512-BF16, AMX), fp16 on CUDA only (ignored on CPU)")
 
     _scales = field_validator("scales")(classmethod(lambda cls, v: _check_scales(v)))
 

@@ -222,10 +222,14 @@ def reduce_sum(total: float, n: int, device: torch.device) -> tuple[float, int]:
 
 
 def autocast(device: torch.device, amp: str):
-    """Mixed-precision context on CUDA (``bf16``/``fp16``); a no-op on CPU or for ``none``."""
-    if amp == "none" or device.type != "cuda":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    """Mixed-precision context: ``bf16`` on CUDA or CPU, ``fp16`` on CUDA; a no-op for ``none`` and for
+    ``fp16`` on CPU (CPUs have no fast fp16 path). On CPU, bf16 is fast only where the CPU computes it
+    natively (AVX512-BF16 or AMX); elsewhere it is emulated and slower than float32."""
+    if amp == "bf16" and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if amp == "fp16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return nullcontext()
 
 
 def start_training(cfg: Any, out_dir: Path, seed: int) -> torch.device:
