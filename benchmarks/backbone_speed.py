@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss.engine.core import autocast, set_train_mode
+from wsss.inference import prepare_model
 from wsss.models import Classifier, create_backbone
 from wsss.models.segmenter import create_segmenter
 
@@ -58,8 +59,8 @@ def _segmenter_step(name: str, batch: int, crop: int, amp: str):
 
 def _segmenter_forward(name: str, batch: int, size: int, amp: str):
     """The segmenter's forward pass as prediction runs it (eval mode, inference mode, channels-last)."""
-    model = create_segmenter("deeplabv3", num_classes=7, pretrained=False, backbone=name, output_stride=16).eval()
-    model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(create_segmenter("deeplabv3", num_classes=7, pretrained=False, backbone=name, output_stride=16),
+                          torch.device("cpu"))
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
