@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import wsss
-from wsss.errors import ConfigError
+from wsss.errors import ConfigError, WsssError
 
 TINY = ["data.synth.n_train=16", "data.synth.n_val=6", "data.synth.size=64", "train_cls.epochs=1", "train_cls.crop_size=64",
         "cam.scales=[1.0]", "train_seg.epochs=1", "train_seg.crop_size=64", "run.gallery_images=0", "crf.workers=1"]
@@ -95,6 +95,23 @@ def test_segmenter_batches_on_request(api_run):
         assert np.allclose(seg.predict_proba(im), p, atol=1e-5)
     masks = seg.predict(ims, crf=True)
     assert [m.shape for m in masks] == [(32, 32), (40, 24), (32, 32)]
+
+
+def test_segmenter_excludes_classes_that_never_share_a_training_photo(api_run):
+    cfg, _ = api_run
+    seg = wsss.Segmenter.load(cfg.run.out_dir / "seg" / "segmenter.pt")
+    k = len(seg.classes)
+    probs = np.full((k, 8, 8), 0.1, np.float32)
+    probs[0], probs[1, :5], probs[2, 6:] = 0.5, 0.9, 0.9  # class 1 wins 40 pixels, class 2 16
+    seg.predict_proba = lambda image, **kw: [probs.copy() for _ in image] if isinstance(image, list) else probs.copy()
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    assert set(np.unique(seg.predict(rgb))) == {0, 1, 2}
+    assert set(np.unique(seg.predict(rgb, exclusive_below=0.05))) == {0, 1, 2}  # the toy set's classes share photos
+    seg.meta["cooccurrence"] = np.diag(np.diag(seg.meta["cooccurrence"])).tolist()  # now they never do
+    assert [set(np.unique(m)) for m in seg.predict([rgb, rgb], exclusive_below=0.05)] == [{0, 1}] * 2
+    del seg.meta["cooccurrence"]
+    with pytest.raises(WsssError, match="lacks"):
+        seg.predict(rgb, exclusive_below=0.05)
 
 
 @pytest.mark.parametrize("bad,msg", [(np.zeros((4, 4, 2), np.uint8), "must be"), (np.full((4, 4, 3), 2.0, np.float32), r"\[0, 1\]"),

@@ -18,7 +18,17 @@ from wsss.models.segmenter import SEGMENTERS, create_segmenter
 from wsss.data.presets import train_transform
 from wsss.engine.core import autocast
 from wsss.engine.segmenter import SegDataset, seg_loss, train_segmenter
-from wsss.inference import input_items, label_maps, max_merge, overlay, predict_items, predict_probs, write_label_maps
+from wsss.inference import (
+    exclusive_classes,
+    input_items,
+    label_maps,
+    max_merge,
+    overlay,
+    predict_items,
+    predict_probs,
+    stored_cooccurrence,
+    write_label_maps,
+)
 from wsss.models.checkpoint import load_segmenter, save_checkpoint
 
 from tests.conftest import make_voc
@@ -338,6 +348,8 @@ def test_training_lowers_the_loss_and_scores_val(small_voc, tmp_path):
     losses = [r["loss"] for r in res["history"]]
     assert losses[-1] < losses[0]
     assert all("val_mIoU" in r for r in res["history"])
+    _, meta = load_segmenter(tmp_path / "t" / "segmenter.pt")  # the labels' co-occurrence, for predict.exclusive_below
+    assert meta["cooccurrence"] == ds.cooccurrence().tolist() == [[4, 0], [0, 4]]
 
 
 def test_training_in_bf16_on_cpu_lowers_the_loss_and_keeps_float32_weights(small_voc, tmp_path):
@@ -623,3 +635,72 @@ def test_bad_segmenter_files_give_one_line_errors(tmp_path, run_cli):
     code, _, err = run_cli("predict", "--model", tmp_path / "ok.pt", "--input", tmp_path / "broken.jpg", "--out", tmp_path / "o")
     # an unreadable photo is skipped with one warning line, and the command ends with one error line listing it
     assert code == 1 and "broken.jpg" in err and err.count("\n") == 2 and err.splitlines()[-1].startswith("wsss: error:")
+
+
+def _two_region_probs() -> np.ndarray:
+    """(4, 6, 8) probabilities: class 1 wins the left 4 columns' top rows, class 2 a smaller patch, class 3 no pixel."""
+    p = np.full((4, 6, 8), 0.1, np.float32)
+    p[0] = 0.7
+    p[1, :4, :4] = 0.8  # 16 pixels
+    p[2, 4:, 5:] = 0.8  # 6 pixels
+    return p / p.sum(0, keepdims=True)
+
+
+def test_cooccurrence_counts_photos_tagged_with_both(voc):
+    ds = load_voc(voc, "train")
+    m = ds.label_matrix() > 0
+    c = ds.cooccurrence()
+    assert c.shape == (ds.num_classes, ds.num_classes) and c.dtype == np.int64
+    for a in range(ds.num_classes):
+        for b in range(ds.num_classes):
+            assert c[a, b] == int((m[:, a] & m[:, b]).sum())
+
+
+def test_exclusive_classes_keep_the_larger_of_two_classes_that_seldom_meet():
+    p = _two_region_probs()
+    before = p.copy()
+    # 100 photos of class 1, 40 of class 2, 2 of them together: 5% of the rarer class's photos
+    counts = np.array([[100, 2, 0], [2, 40, 0], [0, 0, 0]])
+    assert exclusive_classes(p, counts, 0.1) == [1]  # class 2 wins fewer pixels and meets class 1 too seldom
+    assert exclusive_classes(p, counts, 0.05) == [1, 2]  # at the threshold: kept
+    assert exclusive_classes(p, np.array([[100, 30, 0], [30, 40, 0], [0, 0, 0]]), 0.5) == [1, 2]
+    assert exclusive_classes(p, np.zeros((3, 3), np.int64), 0.5) == [1, 2]  # no training photos: no evidence to exclude
+    assert np.array_equal(p, before)
+    p2 = p.copy()
+    p2[2, 3:, :] = 0.95  # now class 2 wins 24 pixels against the 12 left to class 1, and class 1 goes
+    p2 /= p2.sum(0, keepdims=True)
+    assert exclusive_classes(p2, counts, 0.1) == [2]
+    with pytest.raises(ValueError, match="do not fit 4 classes"):
+        exclusive_classes(p, np.zeros((2, 2)), 0.1)
+
+
+def test_predict_items_with_exclusion_drops_the_smaller_class_of_an_exclusive_pair(voc, tmp_path, monkeypatch):
+    items = input_items([voc / "JPEGImages"])
+    p = _two_region_probs()[:K]  # background, class 1 (16 px), class 2 (6 px)
+    p /= p.sum(0, keepdims=True)
+
+    def fake_probs(model, todo, *args, **kwargs):  # every photo gets the two-class probabilities above
+        for sid, path in todo:
+            yield sid, np.zeros((6, 8, 3), np.uint8), p
+
+    monkeypatch.setattr("wsss.inference.iter_probs", fake_probs)
+    excl = PredictConfig(scales=[1.0], overlay=False, exclusive_below=0.05)
+    with pytest.raises(ValueError, match="co-occurrence"):
+        predict_items(_model(), items, tmp_path / "none", excl, resize_long=None)
+    runs = {"plain": (PredictConfig(scales=[1.0], overlay=False), None),
+            "never": (excl, np.diag([10] * (K - 1))),  # the two classes never share a training photo
+            "often": (excl, np.full((K - 1, K - 1), 10))}  # they always do: nothing is excluded
+    for name, (cfg, counts) in runs.items():
+        predict_items(_model(), items, tmp_path / name, cfg, resize_long=None, cooccur=counts)
+    for sid, _ in items:
+        plain = read_mask(tmp_path / "plain" / f"{sid}.png")
+        assert set(np.unique(plain)) == {0, 1, 2}
+        assert np.array_equal(read_mask(tmp_path / "often" / f"{sid}.png"), plain)
+        never = read_mask(tmp_path / "never" / f"{sid}.png")
+        assert set(np.unique(never)) == {0, 1} and np.array_equal(never[plain == 1], plain[plain == 1])
+
+
+def test_stored_cooccurrence_needs_a_segmenter_that_recorded_it(tmp_path):
+    with pytest.raises(WsssError, match="lacks .*exclusive_below: null"):
+        stored_cooccurrence({"arch": "x"}, tmp_path / "segmenter.pt")
+    assert stored_cooccurrence({"cooccurrence": [[3, 1], [1, 2]]}, tmp_path).tolist() == [[3, 1], [1, 2]]

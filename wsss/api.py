@@ -183,12 +183,18 @@ class Segmenter(_Trained):
         return out[0] if single else out
 
     def predict(self, image: ImageLike | Sequence[ImageLike], *, scales: Sequence[float] = (1.0,), flip: bool = True,
-                crf: bool = False, batch_size: int = 4) -> np.ndarray | list[np.ndarray]:
+                crf: bool = False, exclusive_below: float | None = None, batch_size: int = 4) -> np.ndarray | list[np.ndarray]:
         """Class ids ``(H, W)`` uint8 (a list for a list); ``crf``: refine with the dense CRF first (its
-        default kernels)."""
+        default kernels); ``exclusive_below``: class exclusion by the training labels' co-occurrence first
+        (``predict.exclusive_below``; :func:`wsss.inference.exclusive_classes`)."""
         probs = self.predict_proba(image, scales=scales, flip=flip, batch_size=batch_size)
         single = not isinstance(image, (list, tuple))
         plist = [probs] if single else probs
+        if exclusive_below is not None:
+            from wsss.inference import exclusive_classes, restrict_to_labels, stored_cooccurrence
+
+            counts = stored_cooccurrence(self.meta, Path("segmenter.pt"))
+            plist = [restrict_to_labels(p, exclusive_classes(p, counts, exclusive_below)) for p in plist]
         if crf:
             from wsss.config import CrfConfig
             from wsss.inference import refine_with_crf

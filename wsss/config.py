@@ -196,6 +196,10 @@ class PredictConfig(Section):
     crf: bool = Field(False, description="refine predictions with the dense CRF (the crf section's kernels)")
     labels_only: bool = Field(False, description="a dataset split: each photo may only hold background and its image-level "
                               "labels (the self-training flow predicts the train split this way)")
+    exclusive_below: float | None = Field(
+        None, ge=0, le=1, description="class exclusion: a class that wins fewer pixels than another class it shares "
+        "under this share of training photos with (of the rarer one's) is dropped from the photo, its pixels going to "
+        "the rest before the CRF (counts from the training labels, stored in segmenter.pt); null: off")
     overlay: bool = Field(True, description="also write overlays (photo blended with the mask colours) as JPEG")
     batch_size: int = Field(4, ge=1, description="same-size images per forward pass")
     device: str = "auto"

@@ -22,7 +22,7 @@ from wsss.config import CrfConfig, PredictConfig
 from wsss.data.dataset import IMAGE_EXTS
 from wsss.data.transforms import check_pair
 from wsss.engine.core import autocast, resolve_device
-from wsss.errors import DataError, ImageReadError
+from wsss.errors import DataError, ImageReadError, WsssError
 from wsss.io import read_image, voc_palette, write_image, write_palette_png
 from wsss.log import progress
 
@@ -94,6 +94,35 @@ def restrict_to_labels(probs: np.ndarray, labels: Sequence[int]) -> np.ndarray:
     return out / np.maximum(out.sum(0, keepdims=True), 1e-8)
 
 
+def stored_cooccurrence(meta: dict, path: Path) -> np.ndarray:
+    """The training labels' co-occurrence counts ``(K-1, K-1)`` a segmenter file's ``meta`` holds (``path``: for the error)."""
+    if "cooccurrence" not in meta:
+        raise WsssError("predict.exclusive_below needs the training labels' co-occurrence counts, which this segmenter "
+                        "file lacks (trained before they were recorded): train it again or set predict.exclusive_below: null", path)
+    return np.asarray(meta["cooccurrence"], np.int64)
+
+
+def exclusive_classes(probs: np.ndarray, counts: np.ndarray, below: float) -> list[int]:
+    """Foreground class ids (>= 1) of ``probs (K, H, W)`` that survive class exclusion: the classes that win
+    a pixel, largest first (by arg-max pixels), each kept only if, for every class kept before it, the
+    training photos tagged with both are at least ``below`` of the rarer class's photos (``counts (K-1, K-1)``
+    from :meth:`wsss.data.dataset.Dataset.cooccurrence`). A pair the training labels never show either class of is not excluded."""
+    counts = np.asarray(counts)
+    if counts.shape != (probs.shape[0] - 1,) * 2:
+        raise ValueError(f"co-occurrence counts of shape {counts.shape} do not fit {probs.shape[0]} classes")
+    arg = probs.argmax(0)
+    pixels = np.bincount(arg.ravel(), minlength=probs.shape[0])
+    present = [c for c in np.argsort(-pixels[1:], kind="stable") + 1 if pixels[c] > 0]
+    n = np.diag(counts)
+    kept: list[int] = []
+    for c in present:
+        rarer = np.minimum(n[c - 1], n[[k - 1 for k in kept]])
+        both = counts[c - 1, [k - 1 for k in kept]]
+        if np.all((rarer == 0) | (both >= below * rarer)):
+            kept.append(int(c))
+    return sorted(kept)
+
+
 def iter_probs(model: "Segmenter", items: Sequence[tuple[str, Path]], scales: Sequence[float], flip: bool, resize_long: int | None,
                device: torch.device, amp: str = "none", batch_size: int = 1,
                on_unreadable: Callable[[Path, ImageReadError], None] | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
@@ -133,11 +162,16 @@ def prepare_model(model: "Segmenter", device: torch.device) -> "Segmenter":
 
 def predict_items(model: "Segmenter", items: Sequence[tuple[str, Path]], out_dir: str | Path, cfg: PredictConfig,
                   resize_long: int | None, crf_cfg: CrfConfig | None = None, skip_done: bool = True,
-                  skip_unreadable: bool = False, labels: dict[str, Sequence[int]] | None = None) -> dict:
+                  skip_unreadable: bool = False, labels: dict[str, Sequence[int]] | None = None,
+                  cooccur: np.ndarray | None = None) -> dict:
     """Predict ``items`` (``(id, image path)``) into ``out_dir/<id>.png`` (+ overlays). ``labels`` (id ->
-    class ids >= 1): restrict each photo to background + its labels before the CRF. Returns counts and,
+    class ids >= 1): restrict each photo to background + its labels before the CRF; without them and with
+    ``cfg.exclusive_below``, to the :func:`exclusive_classes` of ``cooccur (K-1, K-1)``. Returns counts and,
     with ``skip_unreadable``, the images that could not be decoded (each logged and left out instead of
     stopping the batch): ``skipped``."""
+    exclude = cfg.exclusive_below is not None and labels is None
+    if exclude and cooccur is None:
+        raise ValueError("predict.exclusive_below needs the training labels' co-occurrence counts")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.overlay:
@@ -158,6 +192,8 @@ def predict_items(model: "Segmenter", items: Sequence[tuple[str, Path]], out_dir
                                  unreadable if skip_unreadable else None):
         if labels is not None:
             p = restrict_to_labels(p, labels[sid])
+        elif exclude:
+            p = restrict_to_labels(p, exclusive_classes(p, cooccur, cfg.exclusive_below))
         if crf_cfg is not None:
             p = refine_with_crf(im, p, crf_cfg)
         mask = p.argmax(0).astype(np.uint8)

@@ -95,6 +95,12 @@ class Dataset:
             m[i, [c - 1 for c in s.labels]] = 1.0
         return m
 
+    def cooccurrence(self) -> np.ndarray:
+        """Photo counts ``(num_classes, num_classes)`` int64 from the image-level labels: entry ``(a, b)``
+        counts the photos tagged with both classes, the diagonal each class's photos."""
+        m = (self.label_matrix() > 0).astype(np.int64)
+        return m.T @ m
+
     def read_image(self, i: int) -> np.ndarray:
         """``(H, W, 3)`` uint8 RGB of sample ``i``."""
         return read_image(self.samples[i].image)

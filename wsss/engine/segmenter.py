@@ -118,7 +118,8 @@ def train_segmenter(cfg: TrainSegConfig, train_ds: Dataset, masks: MaskSource, o
     data = SegDataset(train_ds, masks, train_transform(cfg, fill), model.mean, model.std, seed)
     drop_last = len(data) > cfg.batch_size
     meta = {"arch": cfg.arch, "spec": model.spec(), "num_classes": len(train_ds.classes), "classes": list(train_ds.classes),
-            "mean": list(model.mean), "std": list(model.std), "resize_long": cfg.resize_long, "masks": cfg.masks}
+            "mean": list(model.mean), "std": list(model.std), "resize_long": cfg.resize_long, "masks": cfg.masks,
+            "cooccurrence": train_ds.cooccurrence().tolist()}  # for predict.exclusive_below on any photo
     has_val = val_ds is not None and len(val_ds) > 0 and val_ds.has_masks
 
     def evaluate(epoch: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from wsss.config import Config, config_hash, config_to_dict
 from wsss.errors import WsssError
-from wsss.inference import predict_items
+from wsss.inference import predict_items, stored_cooccurrence
 from wsss.io import file_digest
 from wsss.manifest import StageOutcome, prepare_output_folder, stage_key, write_manifest
 from wsss.models.checkpoint import load_segmenter
@@ -46,9 +46,11 @@ def run(ctx: StageContext) -> dict:
     model, meta = load_segmenter(path)
     if list(meta["classes"]) != list(full.classes):
         raise WsssError(f"segmenter classes {meta['classes']} differ from the dataset's {full.classes}", path)
+    cooccur = stored_cooccurrence(meta, path) if p.exclusive_below is not None and not p.labels_only else None
     ds = ctx.select(full)
     stats = predict_items(model, [(s.id, s.image) for s in ds], ctx.out, p, p.resize_long or meta.get("resize_long"),
-                          cfg.crf if p.crf else None, labels={s.id: s.labels for s in ds} if p.labels_only else None)
+                          cfg.crf if p.crf else None, labels={s.id: s.labels for s in ds} if p.labels_only else None,
+                          cooccur=cooccur)
     if ctx.shard is not None:
         return stats
     log.info("predict: %d %s images (%d computed, %d reused), scales %s%s%s -> %s", stats["images"], p.split, stats["computed"],
@@ -63,12 +65,14 @@ def predict_paths(cfg: Config, model_path: Path, items: list[tuple[str, Path]], 
     Unreadable images are skipped (listed in ``skipped``). Returns counts."""
     started = time.time()
     model, meta = load_segmenter(model_path)
+    cooccur = stored_cooccurrence(meta, model_path) if cfg.predict.exclusive_below is not None else None
     settings = section(cfg)
     inputs = {"model": file_digest(model_path)}
     chash = config_hash(settings)
     prepare_output_folder(out, stage_key("predict", chash, inputs), force)
     stats = predict_items(model, items, out, cfg.predict, cfg.predict.resize_long or meta.get("resize_long"),
-                          cfg.crf if cfg.predict.crf else None, skip_done=True, skip_unreadable=True)
+                          cfg.crf if cfg.predict.crf else None, skip_done=True, skip_unreadable=True,
+                          cooccur=cooccur)
     write_manifest(out, "predict", settings, chash, inputs, {**stats, "model": str(model_path)}, started)
     return stats
 
