@@ -7,6 +7,8 @@ every variant then gates them and/or refines them with its own CRF:
   above ``T`` (its top class when none is), ``soft A`` weights each class's probability by its score to
   the power ``A``, ``oracle`` keeps the photo's true image-level labels (what a perfect gate could give;
   not available on a user's photos);
+* ``--exclusive T``: the predict stage's class exclusion (``predict.exclusive_below: T``), the co-occurrence
+  counted on ``--prior-split``'s labels;
 * ``--crf-variant KEY=VALUE[,KEY=VALUE]``: the prediction CRF with crf-section fields changed;
 * ``none``: the predict stage as the config has it (``--no-crf``: without its CRF).
 
@@ -37,6 +39,7 @@ from wsss.data.dataset import Dataset, load_dataset
 from wsss.engine.classifier import predict_scores
 from wsss.evaluation.metrics import confusion, iou_from_confusion
 from wsss.inference import (
+    exclusive_classes,
     iter_probs,
     prepare_model,
     refine_with_crf,
@@ -46,12 +49,22 @@ from wsss.log import setup_logging
 from wsss.models.checkpoint import load_classifier, load_segmenter
 
 
-def gate(probs: np.ndarray, scores: np.ndarray | None, variant: str, labels: tuple[int, ...]) -> np.ndarray:
+def gate(probs: np.ndarray, scores: np.ndarray | None, variant: str, labels: tuple[int, ...],
+         cooccur: np.ndarray | None = None) -> np.ndarray:
     """``probs (K, H, W)`` gated by ``scores (K-1,)`` (classifier sigmoid per foreground class) as ``variant``
-    says (``none``, ``oracle``, ``hard T``, ``soft A``); a new array unless ``none``."""
+    says (``none``, ``oracle``, ``hard T``, ``soft A``, ``exclusive T``: the predict stage's class exclusion
+    with ``cooccur (K-1, K-1)``); a new array unless ``none``."""
+    if "+" in variant:  # "G1+G2": one gate after the other
+        first, _, second = variant.partition("+")
+        return gate(gate(probs, scores, first, labels, cooccur), scores, second, labels, cooccur)
     kind, _, value = variant.partition(" ")
     if kind == "none":
         return probs
+    if kind == "exclusive":
+        return restrict_to_labels(probs, exclusive_classes(probs, cooccur, float(value)))
+    if kind == "smallest":  # "smallest A": drop the classes that win under A of the photo's pixels
+        share = np.bincount(probs.argmax(0).ravel(), minlength=probs.shape[0]) / probs[0].size
+        return restrict_to_labels(probs, [c for c in range(1, probs.shape[0]) if share[c] >= float(value)])
     if kind == "oracle":
         return restrict_to_labels(probs, labels)
     if kind == "hard":
@@ -63,13 +76,13 @@ def gate(probs: np.ndarray, scores: np.ndarray | None, variant: str, labels: tup
 
 
 def _score_one(i: int, ds: Dataset, probs: dict[str, np.ndarray], scores: dict[str, np.ndarray],
-               variants: list[tuple[str, str, CrfConfig | None]]) -> list[np.ndarray]:
+               variants: list[tuple[str, str, CrfConfig | None]], cooccur: np.ndarray | None) -> list[np.ndarray]:
     s = ds[i]
     image, gt = ds.read_image(i), ds.read_mask(i)
     p0 = probs[s.id].astype(np.float32)
     out = []
     for _, gate_spec, crf_cfg in variants:
-        p = gate(p0, scores.get(s.id), gate_spec, s.labels)
+        p = gate(p0, scores.get(s.id), gate_spec, s.labels, cooccur)
         if crf_cfg is not None:
             p = refine_with_crf(image, p, crf_cfg)
         out.append(confusion(gt, p.argmax(0), len(ds.classes)))
@@ -100,6 +113,12 @@ def main() -> None:
     ap.add_argument("--powers", type=float, nargs="*", default=[0.25, 0.5, 1.0], help="soft gates")
     ap.add_argument("--crf-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                     help="a prediction CRF with these crf fields changed (repeatable)")
+    ap.add_argument("--exclusive", type=float, nargs="*", default=[],
+                    help="class exclusion (predict.exclusive_below) at these shares, the co-occurrence counted on "
+                         "--prior-split's image-level labels (what train-seg stores in segmenter.pt)")
+    ap.add_argument("--smallest", type=float, nargs="*", default=[],
+                    help="with --exclusive: then also drop the classes that win under this share of the photo's pixels")
+    ap.add_argument("--prior-split", default="train", help="split whose image-level labels give the co-occurrence")
     ap.add_argument("--no-crf", action="store_true", help="the gates and 'none' without the prediction CRF")
     ap.add_argument("--workers", type=int, default=2, help="CRF processes")
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
@@ -127,6 +146,12 @@ def main() -> None:
             print(f"classifier >= {t}: {gates[t]['missed']} of {gates[t]['labels']} true labels missed, "
                   f"{gates[t]['extra']} absent classes kept", flush=True)
         variants += [(g, g, base_crf) for g in ("oracle", *(f"hard {t}" for t in args.thresholds), *(f"soft {a}" for a in args.powers))]
+    cooccur = None
+    if args.exclusive:
+        cooccur = load_dataset(args.data, args.prior_split).cooccurrence()
+        print(f"co-occurrence counts on {args.prior_split}:\n{cooccur}", flush=True)
+        variants += [(f"excl {t}", f"exclusive {t}", base_crf) for t in args.exclusive]
+        variants += [(f"excl {t} small {a}", f"exclusive {t}+smallest {a}", base_crf) for t in args.exclusive for a in args.smallest]
     segmenter, _ = load_segmenter(args.segmenter)
     segmenter = prepare_model(segmenter, device)
     probs: dict[str, np.ndarray] = {}
@@ -135,7 +160,7 @@ def main() -> None:
                                     args.resize_long, device, "none", cfg.predict.batch_size):
             probs[sid] = p.astype(np.float16)  # the photos' maps stay in memory: about 0.5 GB for 200 VOC photos
     with Pool(args.workers) as pool:  # forked workers share the maps without copying them
-        res = pool.map(partial(_score_one, ds=ds, probs=probs, scores=scores, variants=variants), range(len(ds)))
+        res = pool.map(partial(_score_one, ds=ds, probs=probs, scores=scores, variants=variants, cooccur=cooccur), range(len(ds)))
     result = {"photos": len(ds), "classifier": gates, "variants": {}}
     for j, (name, _, _) in enumerate(variants):
         iou = iou_from_confusion(sum(r[j] for r in res))
