@@ -39,7 +39,7 @@ from wsss.data.dataset import Dataset, load_dataset
 from wsss.engine.classifier import predict_scores
 from wsss.evaluation.metrics import confusion, iou_from_confusion
 from wsss.inference import (
-    exclusive_classes,
+    exclude_classes,
     iter_probs,
     prepare_model,
     refine_with_crf,
@@ -61,7 +61,7 @@ def gate(probs: np.ndarray, scores: np.ndarray | None, variant: str, labels: tup
     if kind == "none":
         return probs
     if kind == "exclusive":
-        return restrict_to_labels(probs, exclusive_classes(probs, cooccur, float(value)))
+        return exclude_classes(probs, cooccur, float(value))
     if kind == "smallest":  # "smallest A": drop the classes that win under A of the photo's pixels
         share = np.bincount(probs.argmax(0).ravel(), minlength=probs.shape[0]) / probs[0].size
         return restrict_to_labels(probs, [c for c in range(1, probs.shape[0]) if share[c] >= float(value)])

@@ -191,10 +191,10 @@ class Segmenter(_Trained):
         single = not isinstance(image, (list, tuple))
         plist = [probs] if single else probs
         if exclusive_below is not None:
-            from wsss.inference import exclusive_classes, restrict_to_labels, stored_cooccurrence
+            from wsss.inference import exclude_classes, stored_cooccurrence
 
-            counts = stored_cooccurrence(self.meta, Path("segmenter.pt"))
-            plist = [restrict_to_labels(p, exclusive_classes(p, counts, exclusive_below)) for p in plist]
+            counts = stored_cooccurrence(self.meta)
+            plist = [exclude_classes(p, counts, exclusive_below) for p in plist]
         if crf:
             from wsss.config import CrfConfig
             from wsss.inference import refine_with_crf

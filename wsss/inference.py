@@ -94,7 +94,7 @@ def restrict_to_labels(probs: np.ndarray, labels: Sequence[int]) -> np.ndarray:
     return out / np.maximum(out.sum(0, keepdims=True), 1e-8)
 
 
-def stored_cooccurrence(meta: dict, path: Path) -> np.ndarray:
+def stored_cooccurrence(meta: dict, path: Path | None = None) -> np.ndarray:
     """The training labels' co-occurrence counts ``(K-1, K-1)`` a segmenter file's ``meta`` holds (``path``: for the error)."""
     if "cooccurrence" not in meta:
         raise WsssError("predict.exclusive_below needs the training labels' co-occurrence counts, which this segmenter "
@@ -121,6 +121,11 @@ def exclusive_classes(probs: np.ndarray, counts: np.ndarray, below: float) -> li
         if np.all((rarer == 0) | (both >= below * rarer)):
             kept.append(int(c))
     return sorted(kept)
+
+
+def exclude_classes(probs: np.ndarray, counts: np.ndarray, below: float) -> np.ndarray:
+    """``probs (K, H, W)`` restricted to background and its :func:`exclusive_classes`, renormalised; a new array."""
+    return restrict_to_labels(probs, exclusive_classes(probs, counts, below))
 
 
 def iter_probs(model: "Segmenter", items: Sequence[tuple[str, Path]], scales: Sequence[float], flip: bool, resize_long: int | None,
@@ -193,7 +198,7 @@ def predict_items(model: "Segmenter", items: Sequence[tuple[str, Path]], out_dir
         if labels is not None:
             p = restrict_to_labels(p, labels[sid])
         elif exclude:
-            p = restrict_to_labels(p, exclusive_classes(p, cooccur, cfg.exclusive_below))
+            p = exclude_classes(p, cooccur, cfg.exclusive_below)
         if crf_cfg is not None:
             p = refine_with_crf(im, p, crf_cfg)
         mask = p.argmax(0).astype(np.uint8)
